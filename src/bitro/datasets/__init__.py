@@ -1,0 +1,13 @@
+"""Built-in synthetic tissue and access to the local real-data kit (``bt.datasets``)."""
+
+from bitro._lazy import lazy_exports
+
+_EXPORTS = {
+    "synthetic_tissue": "._synthetic",
+    "her2st": "._kit",
+    "her2st_sections": "._kit",
+    "her2st_genes": "._kit",
+    "data_dir": "._kit",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,17 @@
+"""Tools: fit, predict, transfer and evaluate the BiTro model (``bt.tl``)."""
+
+from bitro._lazy import lazy_exports
+
+_EXPORTS = {
+    "fit": "._api",
+    "predict": "._api",
+    "transfer": "._api",
+    "evaluate": "._metrics",
+    "cross_validate": "._cv",
+    "pseudo_spots": "._pseudo",
+    "pcc_gene": "._metrics",
+    "pcc_overall": "._metrics",
+    "js_divergence": "._metrics",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real-data kit path and small synthetic SpatialData objects."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("BITRO_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_collection_modifyitems(config, items):
+    if DATA_DIR.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f"real-data kit not found at {DATA_DIR} (set BITRO_DATA_DIR)")
+    for item in items:
+        if "realdata" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress():
+    import bitro as bt
+
+    old = bt.settings.progress
+    bt.settings.progress = False
+    yield
+    bt.settings.progress = old
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
