@@ -10,7 +10,9 @@ import bitro as bt
 
 def test_import_does_not_load_torch():
     code = "import sys, bitro; bitro.settings; print('torch' in sys.modules, 'spatialdata' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["False", "False"]
 
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _SUBMODULES = ("datasets", "io", "models", "pl", "pp", "tl")
 
-__all__ = ["__version__", "logger", "settings", *_SUBMODULES]
+__all__ = ["__version__", "datasets", "io", "logger", "models", "pl", "pp", "settings", "tl"]
 
 
 def __getattr__(name: str):

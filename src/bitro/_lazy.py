@@ -6,7 +6,9 @@ import importlib
 from collections.abc import Callable
 
 
-def lazy_exports(package: str, mapping: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+def lazy_exports(
+    package: str, mapping: dict[str, str]
+) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
     """Return ``__getattr__`` and ``__dir__`` that import ``name`` from ``package + mapping[name]``."""
 
     def __getattr__(name: str) -> object:

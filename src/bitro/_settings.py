@@ -78,7 +78,12 @@ class BitroSettings:
 
     def as_dict(self) -> dict[str, Any]:
         """Return the settings as a plain dict (for provenance)."""
-        return {"verbosity": self.verbosity, "progress": self.progress, "device": self.device, "seed": self.seed}
+        return {
+            "verbosity": self.verbosity,
+            "progress": self.progress,
+            "device": self.device,
+            "seed": self.seed,
+        }
 
 
 settings = BitroSettings()

@@ -33,7 +33,6 @@ def check_not_exists(key: str, container: Any, *, what: str, overwrite: bool) ->
     """Refuse to overwrite an existing element or key unless ``overwrite=True``."""
     if key in container and not overwrite:
         msg = (
-            f"{what} {key!r} already exists; pass overwrite=True to replace it, "
-            "or choose another key_added."
+            f"{what} {key!r} already exists; pass overwrite=True to replace it, or choose another key_added."
         )
         raise ValueError(msg)

@@ -12,7 +12,9 @@ from bitro._logging import logger
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitro", description="Gene expression from H&E images (BiTro).")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the pipeline on the built-in synthetic tissue")
     demo.add_argument("--out", default="bitro_demo", help="output folder (created; never overwritten)")
@@ -33,7 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from bitro._demo import run_demo
 
-        report = run_demo(out=args.out, seed=args.seed, size=args.size, n_slides=args.slides, epochs=args.epochs)
+        report = run_demo(
+            out=args.out, seed=args.seed, size=args.size, n_slides=args.slides, epochs=args.epochs
+        )
         logger.info("Report written to %s", report)
         sys.stdout.write(f"{report}\n")
         return 0

@@ -26,13 +26,18 @@ def _hest_folder(root, rng, sample="SPA999", mpp=0.5):
     adata = ad.AnnData(X=x, obs=pd.DataFrame(index=["s0", "s1", "s2"]), var=pd.DataFrame(index=list("ABCD")))
     adata.obsm["spatial"] = centres
     adata.write_h5ad(root / "st" / f"{sample}.h5ad")
-    meta = {"pixel_size_um_estimated": mpp, "spot_diameter": 55.0, "inter_spot_dist": 100.0, "st_technology": "Visium"}
+    meta = {
+        "pixel_size_um_estimated": mpp,
+        "spot_diameter": 55.0,
+        "inter_spot_dist": 100.0,
+        "st_technology": "Visium",
+    }
     (root / "metadata" / f"{sample}.json").write_text(json.dumps(meta))
     return adata, img
 
 
 def test_read_hest(tmp_path, rng):
-    adata, img = _hest_folder(tmp_path, rng)
+    adata, _img = _hest_folder(tmp_path, rng)
     sdata = bt.io.read_hest(tmp_path, "SPA999")
     t = sdata["spots"]
     np.testing.assert_array_equal(t.layers["counts"].toarray(), adata.X.toarray())
@@ -128,7 +133,9 @@ def test_zarr_round_trip(tmp_path, rng):
     from bitro.io._build import get_image
 
     for level in (0, 1):
-        np.testing.assert_array_equal(get_image(back, "he", level=level).values, get_image(sdata, "he", level=level).values)
+        np.testing.assert_array_equal(
+            get_image(back, "he", level=level).values, get_image(sdata, "he", level=level).values
+        )
     np.testing.assert_array_equal(back["spots"].layers["counts"].toarray(), counts.to_numpy())
     np.testing.assert_allclose(back["spots"].obsm["spatial"], centres)
     assert back["spots"].uns["spatialdata_attrs"] == sdata["spots"].uns["spatialdata_attrs"]

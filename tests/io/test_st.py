@@ -27,7 +27,9 @@ def _write_st(tmp_path, rng, *, n=6, genes=("A", "B", "C"), spacing_px=100.0, im
     )
     spots.loc[0, "selected"] = 0
     counts = pd.DataFrame(
-        rng.poisson(3, size=(len(xs), len(genes))), index=[f"{x}x{y}" for x, y in zip(xs, ys)], columns=list(genes)
+        rng.poisson(3, size=(len(xs), len(genes))),
+        index=[f"{x}x{y}" for x, y in zip(xs, ys)],
+        columns=list(genes),
     )
     counts = counts.drop(index=counts.index[-1])  # one selected spot without counts
     spots_path, counts_path = tmp_path / "S_selection.tsv", tmp_path / "S.tsv.gz"

@@ -47,7 +47,9 @@ def her2st_sections(data_dir: str | Path | None = None, *, with_image: bool = Tr
     return names
 
 
-def her2st(section: str = "C2", *, data_dir: str | Path | None = None, image: bool = True, **kwargs) -> sd.SpatialData:
+def her2st(
+    section: str = "C2", *, data_dir: str | Path | None = None, image: bool = True, **kwargs
+) -> sd.SpatialData:
     """Load a HER2ST section of the kit with :func:`bitro.io.read_st`.
 
     Parameters
@@ -72,7 +74,13 @@ def her2st(section: str = "C2", *, data_dir: str | Path | None = None, image: bo
     if image and not img.is_file():
         msg = f"Section {section!r} has no H&E image in the kit (only {list(HER2ST_IMAGED)} do); pass image=False."
         raise FileNotFoundError(msg)
-    return read_st(counts, root / "spots" / f"{section}_selection.tsv", img if image else None, sample_id=section, **kwargs)
+    return read_st(
+        counts,
+        root / "spots" / f"{section}_selection.tsv",
+        img if image else None,
+        sample_id=section,
+        **kwargs,
+    )
 
 
 def her2st_genes(data_dir: str | Path | None = None) -> list[str]:

@@ -141,7 +141,9 @@ def get_shapes(sdata: sd.SpatialData, shapes_key: str, *, hint: str | None = Non
 
 def get_image(sdata: sd.SpatialData, image_key: str, *, level: int = 0):
     """Return the ``(c, y, x)`` DataArray of image ``image_key`` at pyramid ``level``."""
-    check_key(image_key, sdata.images.keys(), what="image", hint="Images are created by bt.io.read_* readers.")
+    check_key(
+        image_key, sdata.images.keys(), what="image", hint="Images are created by bt.io.read_* readers."
+    )
     element = sdata.images[image_key]
     if hasattr(element, "children") and len(element.children) > 0:  # DataTree (multiscale)
         names = sorted(element.children, key=lambda s: int(s.replace("scale", "")))

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     import spatialdata as sd
 
 
-def _find(root: Path, candidates: list[str], what: str, sample_id: str, *, required: bool = True) -> Path | None:
+def _find(
+    root: Path, candidates: list[str], what: str, sample_id: str, *, required: bool = True
+) -> Path | None:
     for rel in candidates:
         if (root / rel).is_file():
             return root / rel
@@ -87,9 +89,11 @@ def read_hest(
         source=st_path.name,
     )
     centres = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
-    h, w = sdata.images[K.IMAGE]["scale0"]["image"].shape[1:] if hasattr(
-        sdata.images[K.IMAGE], "children"
-    ) and len(sdata.images[K.IMAGE].children) else sdata.images[K.IMAGE].shape[1:]
+    h, w = (
+        sdata.images[K.IMAGE]["scale0"]["image"].shape[1:]
+        if hasattr(sdata.images[K.IMAGE], "children") and len(sdata.images[K.IMAGE].children)
+        else sdata.images[K.IMAGE].shape[1:]
+    )
     check_inside_image(centres, (h, w), ids=counts.index, source=sample_id)
     obs = adata.obs.copy()
     obs.index = obs.index.astype(str)

@@ -64,6 +64,6 @@ def read_image_file(path: str | Path) -> np.ndarray:
             Image.MAX_IMAGE_PIXELS = None
             with Image.open(path) as im:
                 array = np.asarray(im.convert("RGB") if im.mode not in ("RGB", "RGBA", "L") else im)
-    except Exception as err:  # noqa: BLE001 - any decoder failure means a bad file
+    except Exception as err:
         raise _corrupt(path, err) from err
     return as_rgb(np.asarray(array), source=f"Image {path.name!r}")

@@ -30,8 +30,10 @@ def read_counts_table(path: str | Path, *, make_unique: bool = False) -> pd.Data
     try:
         header = pd.read_csv(path, sep="\t", header=None, nrows=1, dtype=str).iloc[0, 1:]
         counts = pd.read_csv(path, sep="\t", index_col=0)
-        counts.columns = header.fillna("").astype(str).to_numpy()  # pandas renames duplicates; keep the real names
-    except Exception as err:  # noqa: BLE001
+        counts.columns = (
+            header.fillna("").astype(str).to_numpy()
+        )  # pandas renames duplicates; keep the real names
+    except Exception as err:
         msg = f"Could not parse counts file {str(path)!r} as a tab-separated table ({err}); is it truncated?"
         raise ValueError(msg) from err
     counts.index = counts.index.astype(str)
@@ -66,7 +68,9 @@ def validate_counts(counts: pd.DataFrame, *, source: str, make_unique: bool = Fa
         msg = f"{source}: {int(np.isnan(values).sum())} NaN counts; replace missing values with 0 or drop those spots."
         raise ValueError(msg)
     if (values < 0).any():
-        msg = f"{source}: {int((values < 0).sum())} negative counts; raw counts must be non-negative integers."
+        msg = (
+            f"{source}: {int((values < 0).sum())} negative counts; raw counts must be non-negative integers."
+        )
         raise ValueError(msg)
     return counts
 
@@ -113,10 +117,14 @@ def spots_table(
     return table_element(adata, region=region)
 
 
-def check_inside_image(centres_xy: np.ndarray, shape_yx: tuple[int, int], *, ids: pd.Index, source: str) -> None:
+def check_inside_image(
+    centres_xy: np.ndarray, shape_yx: tuple[int, int], *, ids: pd.Index, source: str
+) -> None:
     """Raise when spot centres fall outside the image (wrong image, swapped axes or scale)."""
     h, w = shape_yx
-    outside = (centres_xy[:, 0] < 0) | (centres_xy[:, 0] >= w) | (centres_xy[:, 1] < 0) | (centres_xy[:, 1] >= h)
+    outside = (
+        (centres_xy[:, 0] < 0) | (centres_xy[:, 0] >= w) | (centres_xy[:, 1] < 0) | (centres_xy[:, 1] >= h)
+    )
     if outside.any():
         msg = (
             f"{source}: {int(outside.sum())} of {len(outside)} spot centres lie outside the image "

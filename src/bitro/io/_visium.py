@@ -65,9 +65,15 @@ def read_visium(
     if fullres_image is not None:
         image, factor = read_image_file(fullres_image), 1.0
     elif (path / "spatial" / "tissue_hires_image.png").is_file():
-        image, factor = read_image_file(path / "spatial" / "tissue_hires_image.png"), factors["tissue_hires_scalef"]
+        image, factor = (
+            read_image_file(path / "spatial" / "tissue_hires_image.png"),
+            factors["tissue_hires_scalef"],
+        )
     else:
-        image, factor = read_image_file(path / "spatial" / "tissue_lowres_image.png"), factors["tissue_lowres_scalef"]
+        image, factor = (
+            read_image_file(path / "spatial" / "tissue_lowres_image.png"),
+            factors["tissue_lowres_scalef"],
+        )
     mpp = VISIUM_SPOT_DIAMETER_UM / float(factors["spot_diameter_fullres"]) / factor
     centres = np.asarray(table.obsm["spatial"], dtype=np.float64) * factor
     x = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
@@ -89,7 +95,9 @@ def read_visium(
     spots.var = spots.var.join(table.var.set_index(table.var_names.astype(str)), how="left")
     sdata = sd.SpatialData(
         images={K.IMAGE: image_element(image, dims=("y", "x", "c"), chunks=chunks)},
-        shapes={K.shapes_key(K.SPOTS): circles_element(centres, VISIUM_SPOT_DIAMETER_UM / 2 / mpp, counts.index)},
+        shapes={
+            K.shapes_key(K.SPOTS): circles_element(centres, VISIUM_SPOT_DIAMETER_UM / 2 / mpp, counts.index)
+        },
         tables={K.SPOTS: spots},
     )
     set_scale(

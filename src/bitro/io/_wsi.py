@@ -50,7 +50,7 @@ def _open_levels(path: Path) -> tuple[list[Any], float | None]:
             n_levels = len(series.levels)
             mpp = _mpp_from_tiff(tif)
             shape0 = series.levels[0].shape
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         msg = (
             f"Could not open whole-slide file {str(path)!r} ({type(err).__name__}: {err}). The file is corrupt, "
             "truncated or not a TIFF/SVS slide; re-download or re-export it."

@@ -37,7 +37,9 @@ def xenium_to_bitro(raw: sd.SpatialData, *, mpp: float = XENIUM_PIXEL_SIZE_UM, s
     if "spatial" not in table.obsm:
         msg = "Xenium table has no obsm['spatial'] cell centroids."
         raise ValueError(msg)
-    ids = table.obs["cell_id"].astype(str).to_numpy() if "cell_id" in table.obs else table.obs_names.astype(str)
+    ids = (
+        table.obs["cell_id"].astype(str).to_numpy() if "cell_id" in table.obs else table.obs_names.astype(str)
+    )
     table.obs_names = pd.Index(ids, dtype=str)
     counts = table.X if sparse.issparse(table.X) else sparse.csr_matrix(np.asarray(table.X))
     table.X = counts.astype(np.float32)

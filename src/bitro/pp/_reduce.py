@@ -36,7 +36,9 @@ CHUNK = 65_536
 PCA_KEY = "X_bitro_pca"
 
 
-def _tables(objs: Any, table_key: str) -> list[ad.AnnData]:
+def _tables(
+    objs: Any, table_key: str, *, hint: str = "Cells are created by bt.pp.segment_cells."
+) -> list[ad.AnnData]:
     """Return the tables ``table_key`` of one or several SpatialData objects (AnnData passes through)."""
     import anndata as ad
 
@@ -53,7 +55,7 @@ def _tables(objs: Any, table_key: str) -> list[ad.AnnData]:
         if isinstance(obj, ad.AnnData):
             out.append(obj)
         elif hasattr(obj, "tables"):
-            out.append(get_table(obj, table_key, hint="Cells are created by bt.pp.segment_cells."))
+            out.append(get_table(obj, table_key, hint=hint))
         else:
             msg = f"Expected SpatialData or AnnData objects, got {type(obj).__name__}."
             raise TypeError(msg)
@@ -71,7 +73,7 @@ def _rep(adata: ad.AnnData, use_rep: str, *, hint: str) -> np.ndarray:
         x = x.to_numpy()
     x = np.asarray(x)
     if x.ndim != 2:
-        msg = f"obsm[{use_rep!r}] must be a 2-D array (cells × features), got shape {x.shape}."
+        msg = f"obsm[{use_rep!r}] must be a 2-D array (cells x features), got shape {x.shape}."
         raise ValueError(msg)
     return x
 
@@ -224,7 +226,9 @@ class FeatureProjection:
         )
 
 
-def _fit_projection(xs: Sequence[np.ndarray], *, n_components: int, seed: int, use_rep: str, max_cells_fit: int):
+def _fit_projection(
+    xs: Sequence[np.ndarray], *, n_components: int, seed: int, use_rep: str, max_cells_fit: int
+):
     from sklearn.decomposition import PCA
 
     rng = np.random.default_rng(seed)
@@ -232,7 +236,9 @@ def _fit_projection(xs: Sequence[np.ndarray], *, n_components: int, seed: int, u
     n, d = x.shape
     k = min(n_components, n, d)
     if k < 1:
-        msg = f"Cannot fit a PCA on {n} cells with {d} features; at least one cell and one feature are needed."
+        msg = (
+            f"Cannot fit a PCA on {n} cells with {d} features; at least one cell and one feature are needed."
+        )
         raise ValueError(msg)
     if k < n_components:
         logger.warning(
@@ -340,10 +346,17 @@ def reduce_features(
     if pca is not None:
         states, fitted = [pca] * len(tables), False
     elif per_sample:
-        states = [_fit_projection([x], n_components=n_components, seed=seed, use_rep=use_rep, max_cells_fit=max_cells_fit) for x in xs]
+        states = [
+            _fit_projection(
+                [x], n_components=n_components, seed=seed, use_rep=use_rep, max_cells_fit=max_cells_fit
+            )
+            for x in xs
+        ]
         fitted = True
     else:
-        state = _fit_projection(xs, n_components=n_components, seed=seed, use_rep=use_rep, max_cells_fit=max_cells_fit)
+        state = _fit_projection(
+            xs, n_components=n_components, seed=seed, use_rep=use_rep, max_cells_fit=max_cells_fit
+        )
         states, fitted = [state] * len(tables), True
 
     for adata, x, state in zip(tables, xs, states, strict=True):
@@ -447,10 +460,21 @@ class PhenotypeModel:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> PhenotypeModel:
         """Rebuild from :meth:`arrays` and :meth:`meta`."""
-        known = {"kind", "use_rep", "n_clusters", "n_features", "inertia", "n_cells_fit", "seed", "bitro_version"}
+        known = {
+            "kind",
+            "use_rep",
+            "n_clusters",
+            "n_features",
+            "inertia",
+            "n_cells_fit",
+            "seed",
+            "bitro_version",
+        }
         centroids = np.asarray(arrays["centroids"], dtype=np.float64)
         if centroids.shape[0] != meta.get("n_clusters", centroids.shape[0]):
-            msg = f"Stored centroids have {centroids.shape[0]} rows but the metadata says {meta['n_clusters']}."
+            msg = (
+                f"Stored centroids have {centroids.shape[0]} rows but the metadata says {meta['n_clusters']}."
+            )
             raise ValueError(msg)
         return cls(
             centroids=centroids,
@@ -482,7 +506,9 @@ def _fit_kmeans(x: np.ndarray, *, n_clusters: int, seed: int, use_rep: str) -> P
 
     n = x.shape[0]
     if n < n_clusters:
-        msg = f"k-means with n_clusters={n_clusters} needs at least that many cells; got {n}. Lower n_clusters."
+        msg = (
+            f"k-means with n_clusters={n_clusters} needs at least that many cells; got {n}. Lower n_clusters."
+        )
         raise ValueError(msg)
     if n > MINIBATCH_ABOVE:
         km = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, n_init=3, batch_size=4096)

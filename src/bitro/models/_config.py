@@ -1,0 +1,136 @@
+"""Hyperparameters of :class:`~bitro.models.BiTroNet` as one frozen, validated dataclass.
+
+The config is the only place where the network's defaults live. It round-trips through JSON with
+:meth:`BiTroConfig.to_dict` / :meth:`BiTroConfig.from_dict`, which is how checkpoints store it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+_OUTPUTS = ("linear", "softplus")
+_POOLINGS = ("gene_query", "mean")
+
+
+@dataclass(frozen=True)
+class BiTroConfig:
+    """Hyperparameters of the BiTro network (paper §3.3–3.4, spec §3).
+
+    Parameters
+    ----------
+    n_genes
+        Number of predicted genes ``G`` (one query per gene).
+    in_dim
+        Dimension of the input cell features (the PCA projection; paper: 128).
+    hidden_dim
+        Model width ``D``; must be divisible by ``transformer_heads``.
+    gat_layers
+        Number of stacked GAT layers ``L`` (paper: 2).
+    gat_heads
+        Attention heads per GAT layer, concatenated then projected back to ``D`` (paper: 4).
+    pos_bins
+        Number of quantisation bins per axis of the bag-relative position lookup tables (Eq. 6).
+    transformer_layers
+        Pre-norm Transformer encoder layers over the cells of a bag.
+    transformer_heads
+        Self-attention heads.
+    ffn_dim
+        Hidden width of the Transformer feed-forward block.
+    dropout
+        Dropout rate in ``[0, 1)`` (GAT attention and outputs, Transformer attention, FFN and residuals).
+    output
+        ``"linear"`` (identity; for z-scored targets, the default) or ``"softplus"`` (non-negative
+        raw-scale targets only).
+    use_gat, use_transformer, use_position
+        Ablation switches. Without GAT the cell features only go through the input projection.
+    pooling
+        ``"gene_query"`` (gene-specific attention MIL, Eqs. 7–9) or ``"mean"`` (ablation: mean over the
+        bag's cells, then a readout with one output per gene).
+    readout_hidden
+        Hidden width of the shared readout MLP.
+    use_cell_count
+        Extension, off by default (paper-faithful): feed ``log1p(cells in the bag)`` to the head.
+        Softmax pooling cannot see how many cells a bag holds, while raw counts scale with it.
+    """
+
+    n_genes: int
+    in_dim: int = 128
+    hidden_dim: int = 128
+    gat_layers: int = 2
+    gat_heads: int = 4
+    pos_bins: int = 64
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    ffn_dim: int = 256
+    dropout: float = 0.1
+    output: Literal["linear", "softplus"] = "linear"
+    use_gat: bool = True
+    use_transformer: bool = True
+    use_position: bool = True
+    pooling: Literal["gene_query", "mean"] = "gene_query"
+    readout_hidden: int = 64
+    use_cell_count: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "n_genes",
+            "in_dim",
+            "hidden_dim",
+            "gat_layers",
+            "gat_heads",
+            "pos_bins",
+            "transformer_layers",
+            "transformer_heads",
+            "ffn_dim",
+            "readout_hidden",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                msg = f"BiTroConfig.{name} must be an integer ≥ 1, got {value!r}."
+                raise ValueError(msg)
+        for name in ("use_gat", "use_transformer", "use_position", "use_cell_count"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                msg = f"BiTroConfig.{name} must be True or False, got {value!r}."
+                raise ValueError(msg)
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, int | float)
+            or not 0 <= self.dropout < 1
+        ):
+            msg = f"BiTroConfig.dropout must be a number in [0, 1), got {self.dropout!r}."
+            raise ValueError(msg)
+        if self.output not in _OUTPUTS:
+            msg = (
+                f"BiTroConfig.output must be one of {_OUTPUTS}, got {self.output!r}. Use 'linear' for "
+                "z-scored targets and 'softplus' only for non-negative raw-scale targets."
+            )
+            raise ValueError(msg)
+        if self.pooling not in _POOLINGS:
+            msg = f"BiTroConfig.pooling must be one of {_POOLINGS}, got {self.pooling!r}."
+            raise ValueError(msg)
+        if self.hidden_dim % self.transformer_heads:
+            msg = (
+                f"BiTroConfig.hidden_dim ({self.hidden_dim}) must be divisible by transformer_heads "
+                f"({self.transformer_heads}); change one of them."
+            )
+            raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BiTroConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            msg = f"Unknown BiTroConfig field(s) {unknown}; valid fields are {sorted(known)}."
+            raise ValueError(msg)
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> BiTroConfig:
+        """Return a copy with ``changes`` applied (validated again)."""
+        return type(self).from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,462 @@
+"""Shared plotting helpers: figures and axes, image crops, shapes, colours and µm scale bars.
+
+Coordinates are level-0 pixels of the H&E image (``x`` = column, ``y`` = row), so every panel
+is drawn in that frame with the y axis pointing down, and images read at a coarser pyramid
+level (or strided) get an ``extent`` in level-0 pixels so overlays line up.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bitro import _keys as K
+from bitro._logging import logger
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import spatialdata as sd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+BBox = tuple[float, float, float, float]
+"""``(x0, y0, x1, y1)`` in level-0 pixels."""
+
+MAX_DISPLAY_PX = 1500
+"""Longest side (pixels) of an image array handed to ``imshow``."""
+PANEL_SIZE = (4.0, 3.6)
+"""Default size (inches) of one panel."""
+NAN_COLOR = "lightgrey"
+"""Face colour of shapes without a value (NaN)."""
+
+
+# ---------------------------------------------------------------------------- data objects
+def is_spatialdata(obj: Any) -> bool:
+    """Whether ``obj`` is a SpatialData object (duck-typed: it has ``tables`` and ``images``)."""
+    return hasattr(obj, "tables") and hasattr(obj, "images")
+
+
+def resolve_table(
+    data: sd.SpatialData | ad.AnnData, table_key: str
+) -> tuple[ad.AnnData, sd.SpatialData | None]:
+    """Return the table to plot and the SpatialData it came from (``None`` for an AnnData)."""
+    if is_spatialdata(data):
+        from bitro.io._build import get_table
+
+        return get_table(
+            data, table_key, hint="Tables are written by bt.io.read_* and bt.pp functions."
+        ), data
+    if hasattr(data, "obs") and hasattr(data, "var"):
+        return data, None
+    msg = f"Expected a SpatialData or AnnData object, got {type(data).__name__}."
+    raise TypeError(msg)
+
+
+def resolve_mpp(data: sd.SpatialData | ad.AnnData, adata: ad.AnnData | None = None, mpp: float | None = None):
+    """µm per level-0 pixel: ``mpp`` if given, else the scale recorded on ``data`` or its table; ``None`` if unknown."""
+    if mpp is not None:
+        return float(mpp)
+    from bitro.io._build import get_mpp
+
+    for obj in (data, adata):
+        if obj is None:
+            continue
+        try:
+            return get_mpp(obj)
+        except ValueError:
+            continue
+    logger.info("No µm-per-pixel scale recorded; drawing without a scale bar (pass mpp= or bt.io.set_scale).")
+    return None
+
+
+def close_matches_error(name: str, options: Sequence[str], *, what: str, hint: str = "") -> KeyError:
+    """A :class:`KeyError` naming ``name`` and the closest valid ``options``."""
+    options = [str(o) for o in options]
+    close = difflib.get_close_matches(str(name), options, n=5, cutoff=0.5)
+    msg = f"{what} {name!r} not found"
+    if close:
+        msg += f"; did you mean one of {close}?"
+    elif len(options) <= 20:
+        msg += f"; available: {sorted(options)}."
+    else:
+        msg += f" (there are {len(options)}; e.g. {sorted(options)[:10]})."
+    if hint:
+        msg += f" {hint}"
+    return KeyError(msg)
+
+
+def dense_column(adata: ad.AnnData, gene: str, layer: str | None) -> np.ndarray:
+    """Values of ``gene`` in ``adata.layers[layer]`` (``X`` when ``layer`` is ``None``) as float64."""
+    if gene not in adata.var_names:
+        raise close_matches_error(gene, adata.var_names, what="Gene")
+    if layer is not None and layer not in adata.layers:
+        raise missing_layer_error(adata, layer)
+    matrix = adata.X if layer is None else adata.layers[layer]
+    if matrix is None:
+        msg = "adata.X is empty; pass layer= naming a layer with values."
+        raise ValueError(msg)
+    column = matrix[:, adata.var_names.get_loc(gene)]
+    if hasattr(column, "toarray"):
+        column = column.toarray()
+    return np.asarray(column, dtype=np.float64).ravel()
+
+
+def missing_layer_error(adata: ad.AnnData, layer: str) -> KeyError:
+    """The error raised for a missing layer, pointing at the function that writes it."""
+    hint = (
+        "Predictions are written by bt.tl.predict (layer 'bitro')."
+        if layer != K.COUNTS_LAYER
+        else "Raw counts are stored by the bt.io readers."
+    )
+    return KeyError(f"Layer {layer!r} not found; available layers: {sorted(adata.layers)}. {hint}")
+
+
+def is_prediction_layer(adata: ad.AnnData, layer: str | None) -> bool:
+    """Whether ``layer`` holds bitro predictions (already log1p): it has provenance in ``.uns[layer]``."""
+    return layer is not None and isinstance(adata.uns.get(layer), dict) and layer != K.COUNTS_LAYER
+
+
+def log1p_values(
+    adata: ad.AnnData, gene: str, layer: str | None, *, reference: str | None = None
+) -> np.ndarray:
+    """``gene`` on the log1p scale: predictions as they are, counts as ``log1p(counts)``.
+
+    When ``reference`` names a prediction layer made on the ``library_size`` scale
+    (``.uns[reference]["target_scale"]``), counts are first rescaled to its ``target_sum``
+    so that observed and predicted values share one scale.
+    """
+    values = dense_column(adata, gene, layer)
+    if is_prediction_layer(adata, layer):
+        return values
+    meta = adata.uns.get(reference) if reference is not None else None
+    if isinstance(meta, dict) and meta.get("target_scale") == "library_size" and meta.get("target_sum"):
+        matrix = adata.X if layer is None else adata.layers[layer]
+        total = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = np.where(total > 0, values / total * float(meta["target_sum"]), 0.0)
+    return np.log1p(np.clip(values, 0.0, None))
+
+
+def spatial_coords(adata: ad.AnnData) -> np.ndarray:
+    """``obsm["spatial"]`` (level-0 pixels, x then y) as an ``n × 2`` float array."""
+    if K.SPATIAL not in adata.obsm:
+        msg = f"The table has no obsm[{K.SPATIAL!r}] (centres in level-0 pixels); the bt.io readers store it."
+        raise KeyError(msg)
+    return np.asarray(adata.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
+
+
+def linked_shapes(sdata: sd.SpatialData | None, shapes_key: str, adata: ad.AnnData):
+    """Shapes ``shapes_key`` re-ordered to the rows of ``adata`` (``None`` if absent)."""
+    if sdata is None or shapes_key not in sdata.shapes:
+        return None
+    shapes = sdata.shapes[shapes_key]
+    ids = adata.obs[K.INSTANCE_KEY].astype(str) if K.INSTANCE_KEY in adata.obs else adata.obs_names
+    index = shapes.index.astype(str)
+    pos = index.get_indexer(np.asarray(ids))
+    if (pos < 0).any():
+        logger.warning(
+            "%d rows of the table have no shape in %r; using centroids.", int((pos < 0).sum()), shapes_key
+        )
+        return None
+    return shapes.iloc[pos]
+
+
+# ---------------------------------------------------------------------------- figures
+def make_axes(
+    n_panels: int,
+    *,
+    ax: Axes | Sequence[Axes] | None,
+    ncols: int | None,
+    panel_size: tuple[float, float] = PANEL_SIZE,
+) -> tuple[Figure, list[Axes]]:
+    """Figure and ``n_panels`` axes: the ``ax`` given (one per panel) or a new grid."""
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        axes = [ax] if not isinstance(ax, Sequence | np.ndarray) else list(np.ravel(ax))
+        if len(axes) != n_panels:
+            msg = f"This plot has {n_panels} panels but {len(axes)} axes were passed; pass ax=None or {n_panels} axes."
+            raise ValueError(msg)
+        return axes[0].figure, axes
+    ncols = max(1, min(n_panels, ncols or n_panels))
+    nrows = int(np.ceil(n_panels / ncols))
+    fig, grid = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
+        squeeze=False,
+        layout="constrained",
+    )
+    flat = list(grid.ravel())
+    for extra in flat[n_panels:]:
+        extra.remove()
+    return fig, flat[:n_panels]
+
+
+def finish(fig: Figure, axes: list[Axes], *, show: bool | None, return_fig: bool):
+    """Return by scanpy's convention: the Figure if ``return_fig``, else the Axes unless shown."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    if return_fig:
+        return fig
+    if show is None:
+        show = matplotlib.is_interactive()
+    if show:
+        plt.show()
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def style_spatial_axes(ax: Axes, bbox: BBox, title: str | None = None) -> None:
+    """Image-like axes over ``bbox`` (y down, equal aspect, no ticks)."""
+    x0, y0, x1, y1 = bbox
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+
+
+def padded_bbox(xy: np.ndarray, pad: float) -> BBox:
+    """Bounding box of the points ``xy`` grown by ``pad`` pixels on every side."""
+    lo, hi = np.nanmin(xy, axis=0) - pad, np.nanmax(xy, axis=0) + pad
+    return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+
+
+def grown_bbox(bbox: BBox, fraction: float) -> BBox:
+    """``bbox`` grown by ``fraction`` of its larger side on every side (to catch shapes cut by the edge)."""
+    pad = fraction * max(bbox[2] - bbox[0], bbox[3] - bbox[1])
+    return bbox[0] - pad, bbox[1] - pad, bbox[2] + pad, bbox[3] + pad
+
+
+def check_crop(crop: Sequence[float] | None) -> BBox | None:
+    """Validate a ``(x0, y0, x1, y1)`` crop in level-0 pixels."""
+    if crop is None:
+        return None
+    if len(crop) != 4 or not (crop[2] > crop[0] and crop[3] > crop[1]):
+        msg = f"crop must be (x0, y0, x1, y1) in level-0 pixels with x1 > x0 and y1 > y0, got {crop!r}."
+        raise ValueError(msg)
+    return tuple(float(c) for c in crop)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- image
+def read_image(
+    sdata: sd.SpatialData, image_key: str, bbox: BBox | None = None, *, max_px: int = MAX_DISPLAY_PX
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Read ``bbox`` of image ``image_key`` for display, at most ``max_px`` pixels on a side.
+
+    The coarsest pyramid level that still has at least ``max_px`` pixels across the crop is
+    read and then strided, so a whole slide is never loaded at full resolution.
+
+    Returns
+    -------
+    The ``(y, x, c)`` array and its ``imshow`` extent ``(left, right, bottom, top)`` in level-0 pixels.
+    """
+    from bitro.io._build import get_image, image_levels
+
+    levels = image_levels(sdata, image_key)
+    h0, w0 = levels[0]
+    if bbox is None:
+        bbox = (0.0, 0.0, float(w0), float(h0))
+    x0, y0 = max(0, int(np.floor(bbox[0]))), max(0, int(np.floor(bbox[1])))
+    x1, y1 = min(w0, int(np.ceil(bbox[2]))), min(h0, int(np.ceil(bbox[3])))
+    if x1 <= x0 or y1 <= y0:
+        msg = f"The view {bbox} does not overlap image {image_key!r} ({w0} x {h0} px)."
+        raise ValueError(msg)
+    span = max(x1 - x0, y1 - y0)
+    level = 0
+    for i, (_, w) in enumerate(levels):
+        if span * w / w0 >= min(max_px, span):
+            level = i
+    h, w = levels[level]
+    fx, fy = w0 / w, h0 / h
+    ax0, ay0 = int(np.floor(x0 / fx)), int(np.floor(y0 / fy))
+    ax1, ay1 = min(w, int(np.ceil(x1 / fx))), min(h, int(np.ceil(y1 / fy)))
+    stride = max(1, int(np.ceil(max(ax1 - ax0, ay1 - ay0) / max_px)))
+    array = get_image(sdata, image_key, level=level)
+    data = getattr(array, "data", array)[:3, ay0:ay1:stride, ax0:ax1:stride]
+    rgb = np.moveaxis(np.asarray(data.compute() if hasattr(data, "compute") else data), 0, -1)
+    if rgb.dtype != np.uint8:
+        rgb = rgb.astype(np.float32)
+        top = float(np.nanmax(rgb)) if rgb.size else 1.0
+        rgb = np.clip(rgb / (255.0 if top > 1.0 else 1.0), 0.0, 1.0)
+    n_y, n_x = rgb.shape[:2]
+    extent = (ax0 * fx, (ax0 + n_x * stride) * fx, (ay0 + n_y * stride) * fy, ay0 * fy)
+    logger.debug("read_image %s: level %d, stride %d, %s px", image_key, level, stride, rgb.shape[:2])
+    return rgb, extent
+
+
+def draw_image(ax: Axes, sdata: sd.SpatialData | None, image_key: str | None, bbox: BBox) -> None:
+    """Draw the image crop under the overlays (nothing without SpatialData or ``image_key``)."""
+    if sdata is None or image_key is None:
+        return
+    from bitro._validate import check_key
+
+    check_key(
+        image_key, sdata.images.keys(), what="image", hint="Pass image_key=None to plot without an image."
+    )
+    rgb, extent = read_image(sdata, image_key, bbox)
+    ax.imshow(rgb, extent=extent, origin="upper", interpolation="antialiased", zorder=0)
+
+
+# ---------------------------------------------------------------------------- shapes
+def circle_collection(xy: np.ndarray, radius: np.ndarray | float, **kwargs: Any):
+    """A ``PatchCollection`` of circles (radius in data units, i.e. level-0 pixels)."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Circle
+
+    radius = np.broadcast_to(np.asarray(radius, dtype=np.float64), (len(xy),))
+    return PatchCollection([Circle((x, y), r) for (x, y), r in zip(xy, radius)], **kwargs)
+
+
+def polygon_vertices(shapes) -> list[np.ndarray]:
+    """Exterior vertices of each (multi)polygon in ``shapes`` (largest part of a multipolygon)."""
+    verts = []
+    for geom in shapes.geometry:
+        if geom is None or geom.is_empty:
+            verts.append(np.zeros((0, 2)))
+            continue
+        if geom.geom_type == "MultiPolygon":
+            geom = max(geom.geoms, key=lambda g: g.area)
+        verts.append(np.asarray(geom.exterior.coords)[:, :2])
+    return verts
+
+
+def shape_collection(shapes, **kwargs: Any):
+    """Circles (a ``radius`` column) or polygons of a shapes GeoDataFrame as one collection."""
+    from matplotlib.collections import PolyCollection
+
+    if "radius" in shapes.columns:
+        xy = np.column_stack([shapes.geometry.x, shapes.geometry.y])
+        return circle_collection(xy, shapes["radius"].to_numpy(), **kwargs)
+    return PolyCollection(polygon_vertices(shapes), **kwargs)
+
+
+def in_bbox(xy: np.ndarray, bbox: BBox) -> np.ndarray:
+    """Boolean mask of the points inside ``bbox``."""
+    return (xy[:, 0] >= bbox[0]) & (xy[:, 0] <= bbox[2]) & (xy[:, 1] >= bbox[1]) & (xy[:, 1] <= bbox[3])
+
+
+def points_per_pixel(ax: Axes) -> float:
+    """Typographic points per data unit along x for the current limits and figure size."""
+    x0, x1 = ax.get_xlim()
+    width_in = ax.get_position().width * ax.figure.get_figwidth()
+    return width_in * 72.0 / max(abs(x1 - x0), 1e-9)
+
+
+# ---------------------------------------------------------------------------- colours
+def colormap(cmap: Any):
+    """A copy of ``cmap`` whose NaN colour is :data:`NAN_COLOR`."""
+    import matplotlib as mpl
+
+    cm = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
+    return cm.with_extremes(bad=NAN_COLOR)
+
+
+def resolve_limit(value: float | str | None, values: np.ndarray, default_pct: float) -> float:
+    """A colour limit: a number, ``"pN"`` (the N-th percentile) or ``None`` (``default_pct``)."""
+    if value is not None and not isinstance(value, str):
+        return float(value)
+    pct = default_pct if value is None else _parse_percentile(value)
+    finite = values[np.isfinite(values)]
+    return float(np.percentile(finite, pct)) if finite.size else 0.0
+
+
+def _parse_percentile(value: str) -> float:
+    try:
+        pct = float(value[1:]) if value.startswith("p") else float("nan")
+    except ValueError:
+        pct = float("nan")
+    if not 0 <= pct <= 100:
+        msg = f"Colour limits are numbers or percentiles written 'p0'…'p100'; got {value!r}."
+        raise ValueError(msg)
+    return pct
+
+
+def category_colors(
+    categories: Sequence[str], palette: Any = None, stored: Sequence[str] | None = None
+) -> dict:
+    """Colour per category: ``palette`` (name, list or dict), else scanpy's ``uns[f"{key}_colors"]``, else tab10/tab20."""
+    import matplotlib as mpl
+    from matplotlib.colors import to_hex
+
+    cats = [str(c) for c in categories]
+    if isinstance(palette, dict):
+        missing = [c for c in cats if c not in palette]
+        if missing:
+            msg = f"palette has no colour for categories {missing}; add them to the dict."
+            raise ValueError(msg)
+        return {c: to_hex(palette[c]) for c in cats}
+    if palette is None and stored is not None and len(stored) >= len(cats):
+        return {c: to_hex(col) for c, col in zip(cats, stored)}
+    if palette is None:
+        palette = "tab10" if len(cats) <= 10 else "tab20" if len(cats) <= 20 else "gist_ncar"
+    if isinstance(palette, str):
+        cm = mpl.colormaps[palette]
+        n = getattr(cm, "N", 256)
+        if n < 256 and len(cats) <= n:  # listed colormap: take its colours in order
+            colors = [cm(i) for i in range(len(cats))]
+        else:
+            colors = [cm(x) for x in np.linspace(0.05, 0.95, len(cats))]
+    else:
+        colors = list(palette)
+        if len(colors) < len(cats):
+            msg = f"palette has {len(colors)} colours but there are {len(cats)} categories."
+            raise ValueError(msg)
+    return {c: to_hex(col) for c, col in zip(cats, colors)}
+
+
+# ---------------------------------------------------------------------------- scale bar
+def nice_length(span_um: float) -> float:
+    """A round length (1, 2 or 5 × 10^k µm) of about a fifth of ``span_um``."""
+    target = max(span_um / 5.0, 1e-9)
+    exponent = np.floor(np.log10(target))
+    for step in (5.0, 2.0, 1.0):
+        if step * 10**exponent <= target:
+            return float(step * 10**exponent)
+    return float(10**exponent)
+
+
+def add_scale_bar(ax: Axes, mpp: float | None, length_um: float | str | None) -> None:
+    """Draw a µm scale bar in the lower right (``"auto"``: a round fifth of the view; ``None``: none)."""
+    if mpp is None or length_um is None:
+        return
+    from matplotlib.font_manager import FontProperties
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    x0, x1 = ax.get_xlim()
+    span_um = abs(x1 - x0) * mpp
+    if length_um == "auto":
+        length_um = nice_length(span_um)
+    elif isinstance(length_um, str):
+        msg = f"scale_bar_um must be a length in µm, 'auto' or None; got {length_um!r}."
+        raise ValueError(msg)
+    length_um = float(length_um)
+    if length_um > span_um:
+        logger.info(
+            "scale bar of %g µm is wider than the view (%g µm); using a shorter one.", length_um, span_um
+        )
+        length_um = nice_length(span_um)
+    label = f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} µm"
+    bar = AnchoredSizeBar(
+        ax.transData,
+        length_um / mpp,
+        label,
+        loc="lower right",
+        pad=0.3,
+        borderpad=0.4,
+        sep=2,
+        frameon=True,
+        size_vertical=abs(x1 - x0) / 150,
+        color="black",
+        fontproperties=FontProperties(size="small"),
+    )
+    bar.patch.set_alpha(0.6)
+    bar.patch.set_edgecolor("none")
+    ax.add_artist(bar)

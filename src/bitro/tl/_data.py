@@ -1,0 +1,292 @@
+"""From SpatialData to batched bags of cells (numpy; tensors only at collate time).
+
+A :class:`BagSet` holds the cells of many bags (spots or patches) of one or more
+slides, sorted so that each bag's cells are contiguous, with their projected
+features, quantised relative positions, phenotype labels and a within-bag kNN
+graph. :func:`collate` turns a list of bag indices into the tensors that
+:class:`bitro.models.BiTroNet` consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bitro import _keys as K
+from bitro._logging import logger
+from bitro.io._build import get_mpp, get_scale, get_table
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import spatialdata as sd
+
+
+@dataclass
+class BagSet:
+    """Cells grouped into bags, ready for batching.
+
+    Attributes
+    ----------
+    features
+        ``(N, D)`` float32 projected cell features, cells sorted by bag.
+    pos
+        ``(N, 2)`` int64 quantised position of each cell relative to its bag.
+    phenotype
+        ``(N,)`` int64 phenotype label.
+    bag_ptr
+        ``(B + 1,)`` offsets: the cells of bag ``b`` are rows ``bag_ptr[b]:bag_ptr[b+1]``.
+    edges
+        ``(2, E)`` int64 within-bag kNN edges in *local* cell indices, sorted by bag.
+    edge_ptr
+        ``(B + 1,)`` offsets into ``edges`` per bag.
+    bag_ids
+        ``(B,)`` unit id of each bag (spot or patch obs name).
+    bag_slide
+        ``(B,)`` index of the slide each bag comes from.
+    cell_obs
+        ``(N,)`` row index of each cell in its slide's cells table.
+    targets
+        ``(B, G)`` float32 normalised targets, or ``None``.
+    """
+
+    features: np.ndarray
+    pos: np.ndarray
+    phenotype: np.ndarray
+    bag_ptr: np.ndarray
+    edges: np.ndarray
+    edge_ptr: np.ndarray
+    bag_ids: np.ndarray
+    bag_slide: np.ndarray
+    cell_obs: np.ndarray
+    targets: np.ndarray | None = None
+    slide_names: list[str] = field(default_factory=list)
+
+    @property
+    def n_bags(self) -> int:
+        """Number of bags."""
+        return len(self.bag_ptr) - 1
+
+    @property
+    def n_cells(self) -> np.ndarray:
+        """Cells per bag."""
+        return np.diff(self.bag_ptr)
+
+    def subset(self, bags: np.ndarray) -> BagSet:
+        """Return a BagSet with only ``bags`` (indices), in that order."""
+        bags = np.asarray(bags, dtype=np.int64)
+        cell_idx = np.concatenate(
+            [np.arange(self.bag_ptr[b], self.bag_ptr[b + 1]) for b in bags] or [np.zeros(0, int)]
+        )
+        edge_idx = np.concatenate(
+            [np.arange(self.edge_ptr[b], self.edge_ptr[b + 1]) for b in bags] or [np.zeros(0, int)]
+        )
+        n_cells = self.n_cells[bags]
+        n_edges = np.diff(self.edge_ptr)[bags]
+        return BagSet(
+            features=self.features[cell_idx],
+            pos=self.pos[cell_idx],
+            phenotype=self.phenotype[cell_idx],
+            bag_ptr=np.concatenate([[0], np.cumsum(n_cells)]),
+            edges=self.edges[:, edge_idx],
+            edge_ptr=np.concatenate([[0], np.cumsum(n_edges)]),
+            bag_ids=self.bag_ids[bags],
+            bag_slide=self.bag_slide[bags],
+            cell_obs=self.cell_obs[cell_idx],
+            targets=None if self.targets is None else self.targets[bags],
+            slide_names=self.slide_names,
+        )
+
+
+def knn_within_groups(xy: np.ndarray, group: np.ndarray, *, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric kNN edges between points of the same group, without dense distance matrices.
+
+    One KD-tree over all points, with groups pushed far apart along an extra axis, so a
+    query never returns a point of another group unless its own group is exhausted
+    (those are filtered out).
+
+    Returns
+    -------
+    ``(src, dst)`` int64 arrays of undirected, de-duplicated edges (both directions), no self-loops.
+    """
+    from scipy.spatial import cKDTree
+
+    n = len(xy)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    span = float(np.ptp(xy, axis=0).max()) + 1.0
+    pts = np.column_stack([xy, group.astype(np.float64) * span * 10.0])
+    kk = min(k + 1, n)
+    _, nbr = cKDTree(pts).query(pts, k=kk)
+    nbr = nbr.reshape(n, kk)
+    src = np.repeat(np.arange(n), kk)
+    dst = nbr.ravel()
+    keep = (src != dst) & (dst < n) & (group[src] == group[np.minimum(dst, n - 1)])
+    src, dst = src[keep], dst[keep]
+    both = np.concatenate([np.stack([src, dst]), np.stack([dst, src])], axis=1)
+    both = np.unique(both, axis=1)
+    return both[0].astype(np.int64), both[1].astype(np.int64)
+
+
+def quantise_positions(rel: np.ndarray, n_bins: int) -> np.ndarray:
+    """Map relative positions in [0, 1) (per axis) to integer bins ``0..n_bins-1`` (clipped)."""
+    return np.clip(np.floor(rel * n_bins), 0, n_bins - 1).astype(np.int64)
+
+
+def cells_of(sdata: sd.SpatialData, cells_key: str = K.CELLS) -> ad.AnnData:
+    """The cells table, with an error that says which steps create it."""
+    return get_table(
+        sdata,
+        cells_key,
+        hint="Run bt.pp.segment_cells (or bt.io.read_cell_segmentation) and bt.pp.embed_cells first.",
+    )
+
+
+def build_bags(
+    sdatas: list[sd.SpatialData],
+    *,
+    features: list[np.ndarray],
+    phenotypes: list[np.ndarray],
+    units_key: str,
+    bag_key: str,
+    cells_key: str = K.CELLS,
+    k: int = 8,
+    pos_bins: int = 64,
+    bag_size_um: float | None = None,
+) -> tuple[BagSet, list[pd.Index]]:
+    """Group the cells of each slide into bags (one per unit of table ``units_key``).
+
+    Parameters
+    ----------
+    sdatas
+        Slides.
+    features, phenotypes
+        Per slide: projected cell features ``(n_cells, D)`` and phenotype labels ``(n_cells,)``.
+    units_key
+        Table of the units (``"spots"`` or ``"patches"``); its ``obsm["spatial"]`` holds unit centres.
+    bag_key
+        Column of the cells table naming each cell's unit (``"spot_id"`` or ``"patch_id"``).
+    k
+        Neighbours per cell in the within-bag graph.
+    pos_bins
+        Bins of the position tables.
+    bag_size_um
+        Physical width of a bag (spot diameter or patch side) for the relative positions;
+        default: the recorded ``spot_diameter_um``.
+
+    Returns
+    -------
+    The BagSet (empty units are skipped) and, per slide, the unit names in table order.
+    """
+    parts: dict[str, list] = {
+        k_: [] for k_ in ("feat", "pos", "pheno", "ncell", "edges", "nedge", "ids", "slide", "obs")
+    }
+    unit_names = []
+    slide_names = []
+    for s, sdata in enumerate(sdatas):
+        cells = cells_of(sdata, cells_key)
+        units = get_table(sdata, units_key)
+        unit_names.append(units.obs_names)
+        slide_names.append(str(get_scale(sdata).get("sample_id", f"slide{s}")))
+        if bag_key not in cells.obs:
+            fn = "bt.pp.assign_cells" if bag_key == K.SPOT_ID else "bt.pp.make_patches"
+            msg = f"cells.obs[{bag_key!r}] is missing: run {fn} first so each cell knows its bag."
+            raise KeyError(msg)
+        mpp = get_mpp(sdata)
+        size_um = bag_size_um or get_scale(sdata).get(K.SPOT_DIAMETER_UM)
+        if size_um is None:
+            msg = "The bag size in µm is unknown: pass bag_size_um= or record spot_diameter_um with bt.io.set_scale."
+            raise ValueError(msg)
+        size_px = float(size_um) / mpp
+        member = pd.Categorical(cells.obs[bag_key].astype("object"), categories=units.obs_names)
+        codes = np.asarray(member.codes, dtype=np.int64)
+        inside = np.flatnonzero(codes >= 0)
+        order = inside[np.argsort(codes[inside], kind="stable")]
+        bag_of = codes[order]
+        counts = np.bincount(bag_of, minlength=units.n_obs)
+        nonempty = np.flatnonzero(counts > 0)
+        n_empty = units.n_obs - len(nonempty)
+        if n_empty:
+            logger.info(
+                "%s: %d of %d %s have no cells and get no bag.",
+                slide_names[-1],
+                n_empty,
+                units.n_obs,
+                units_key,
+            )
+        xy = np.asarray(cells.obsm[K.SPATIAL], dtype=np.float64)[order]
+        centres = np.asarray(units.obsm[K.SPATIAL], dtype=np.float64)[bag_of]
+        rel = (xy - centres) / size_px + 0.5
+        src, dst = knn_within_groups(xy, bag_of, k=k)
+        # local indices within each bag
+        start = np.concatenate([[0], np.cumsum(counts)])[:-1]
+        eb = bag_of[src]
+        sort = np.argsort(eb, kind="stable")
+        src, dst, eb = src[sort], dst[sort], eb[sort]
+        local = np.stack([src - start[eb], dst - start[eb]])
+        parts["feat"].append(np.asarray(features[s], dtype=np.float32)[order])
+        parts["pos"].append(quantise_positions(rel, pos_bins))
+        parts["pheno"].append(np.asarray(phenotypes[s], dtype=np.int64)[order])
+        parts["ncell"].append(counts[nonempty])
+        parts["edges"].append(local)
+        parts["nedge"].append(np.bincount(eb, minlength=units.n_obs)[nonempty])
+        parts["ids"].append(units.obs_names.to_numpy()[nonempty])
+        parts["slide"].append(np.full(len(nonempty), s, dtype=np.int64))
+        parts["obs"].append(order)
+    ncell = np.concatenate(parts["ncell"])
+    nedge = np.concatenate(parts["nedge"])
+    bags = BagSet(
+        features=np.concatenate(parts["feat"]),
+        pos=np.concatenate(parts["pos"]),
+        phenotype=np.concatenate(parts["pheno"]),
+        bag_ptr=np.concatenate([[0], np.cumsum(ncell)]).astype(np.int64),
+        edges=np.concatenate(parts["edges"], axis=1).astype(np.int64),
+        edge_ptr=np.concatenate([[0], np.cumsum(nedge)]).astype(np.int64),
+        bag_ids=np.concatenate(parts["ids"]).astype(str),
+        bag_slide=np.concatenate(parts["slide"]),
+        cell_obs=np.concatenate(parts["obs"]).astype(np.int64),
+        slide_names=slide_names,
+    )
+    if bags.n_bags == 0:
+        msg = f"No {units_key} contain any cell: check that cells and {units_key} share coordinates (run bt.pp.assign_cells)."
+        raise ValueError(msg)
+    return bags, unit_names
+
+
+def collate(bags: BagSet, index: np.ndarray, *, device: Any = "cpu") -> dict[str, Any]:
+    """Tensors for the bags ``index``: one disjoint graph, cells sorted by bag.
+
+    Returns a dict with ``x`` (N, D), ``batch`` (N,), ``edge_index`` (2, E), ``pos`` (N, 2),
+    ``phenotype`` (N,), ``cells`` (N,) positions into ``bags``' cell arrays, and ``y`` (B, G) when
+    targets exist.
+    """
+    import torch
+
+    index = np.asarray(index, dtype=np.int64)
+    starts, ends = bags.bag_ptr[index], bags.bag_ptr[index + 1]
+    n = ends - starts
+    offs = np.concatenate([[0], np.cumsum(n)])
+    cells = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+    e_parts = [bags.edges[:, bags.edge_ptr[b] : bags.edge_ptr[b + 1]] + offs[i] for i, b in enumerate(index)]
+    edge_index = np.concatenate(e_parts, axis=1) if e_parts else np.zeros((2, 0), np.int64)
+    out = {
+        "x": torch.from_numpy(bags.features[cells]).to(device),
+        "batch": torch.from_numpy(np.repeat(np.arange(len(index)), n)).to(device),
+        "edge_index": torch.from_numpy(edge_index).to(device),
+        "pos": torch.from_numpy(bags.pos[cells]).to(device),
+        "phenotype": torch.from_numpy(bags.phenotype[cells]).to(device),
+        "cells": cells,
+    }
+    if bags.targets is not None:
+        out["y"] = torch.from_numpy(bags.targets[index]).to(device)
+    return out
+
+
+def batches(
+    n: int, batch_size: int, *, shuffle: bool, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
+    """Split ``range(n)`` into batches (shuffled with ``rng`` when asked)."""
+    order = rng.permutation(n) if shuffle and rng is not None else np.arange(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]

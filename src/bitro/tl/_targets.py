@@ -1,0 +1,100 @@
+"""Target transforms: counts → log1p (raw or library-size normalised) → per-gene z-score, and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Scale = Literal["raw", "library_size"]
+SCALES = ("raw", "library_size")
+MIN_STD = 1e-3
+
+
+def dense(x: Any) -> np.ndarray:
+    """Dense float64 copy of a (possibly sparse) matrix."""
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+
+
+def log1p_scale(counts: np.ndarray, scale: Scale, target_sum: float | None) -> np.ndarray:
+    """``log1p`` of raw counts, or of counts rescaled so each row sums to ``target_sum``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if scale == "raw":
+        return np.log1p(counts)
+    if scale == "library_size":
+        if target_sum is None:
+            msg = "target_sum is required for the library_size scale."
+            raise ValueError(msg)
+        total = counts.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            normed = np.where(total > 0, counts / total * target_sum, 0.0)
+        return np.log1p(normed)
+    msg = f"Unknown target scale {scale!r}; choose one of {SCALES}."
+    raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class TargetTransform:
+    """Per-gene z-scoring of log1p expression with training statistics (paper Eq. 21).
+
+    Attributes
+    ----------
+    genes
+        Gene names, in model order.
+    scale
+        ``"raw"`` (log1p of raw counts, the paper's convention) or ``"library_size"``.
+    target_sum
+        Library size that counts are rescaled to on the ``library_size`` scale.
+    mean, std
+        Per-gene mean and standard deviation of the log1p targets on the training units.
+    """
+
+    genes: tuple[str, ...]
+    scale: str
+    target_sum: float | None
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, counts: np.ndarray, genes: list[str], *, scale: Scale = "raw") -> TargetTransform:
+        """Fit the statistics on training counts ``(units, genes)``."""
+        if scale not in SCALES:
+            msg = f"Unknown target scale {scale!r}; choose one of {SCALES}."
+            raise ValueError(msg)
+        counts = np.asarray(counts, dtype=np.float64)
+        target_sum = float(np.median(counts.sum(axis=1))) if scale == "library_size" else None
+        logx = log1p_scale(counts, scale, target_sum)
+        std = np.maximum(logx.std(axis=0), MIN_STD)
+        return cls(tuple(genes), scale, target_sum, logx.mean(axis=0), std)
+
+    def encode(self, counts: np.ndarray) -> np.ndarray:
+        """Counts → z-scores (float32)."""
+        return ((log1p_scale(counts, self.scale, self.target_sum) - self.mean) / self.std).astype(np.float32)
+
+    def to_log1p(self, z: np.ndarray) -> np.ndarray:
+        """z-scores → log1p expression on this transform's scale."""
+        return np.asarray(z, dtype=np.float64) * self.std + self.mean
+
+    def to_counts(self, z: np.ndarray) -> np.ndarray:
+        """z-scores → expression in count space (``expm1``; non-negative)."""
+        return np.clip(np.expm1(self.to_log1p(z)), 0.0, None)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Arrays to store in safetensors."""
+        return {"target_mean": self.mean.astype(np.float64), "target_std": self.std.astype(np.float64)}
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-serialisable metadata."""
+        return {"genes": list(self.genes), "scale": self.scale, "target_sum": self.target_sum}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> TargetTransform:
+        """Rebuild from :meth:`arrays` and :meth:`meta`."""
+        return cls(
+            tuple(meta["genes"]),
+            meta["scale"],
+            meta["target_sum"],
+            arrays["target_mean"],
+            arrays["target_std"],
+        )

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitro.tl._data import build_bags, collate, knn_within_groups, quantise_positions
+from bitro.tl._targets import TargetTransform
+
+
+def _bags(sdata, k=8):
+    cells = sdata["cells"]
+    x = cells.obsm["X_bitro"]
+    return build_bags(
+        [sdata], features=[x], phenotypes=[np.zeros(len(x), int)], units_key="spots", bag_key="spot_id", k=k
+    )
+
+
+def test_knn_within_groups_never_crosses_and_is_symmetric(rng):
+    xy = rng.uniform(0, 50, size=(300, 2))
+    g = rng.integers(0, 20, size=300)
+    src, dst = knn_within_groups(xy, g, k=4)
+    assert (g[src] == g[dst]).all() and (src != dst).all()
+    pairs = set(zip(src.tolist(), dst.tolist()))
+    assert all((b, a) in pairs for a, b in pairs)
+    deg = np.bincount(src, minlength=300)
+    sizes = np.bincount(g)[g]
+    assert (deg >= np.minimum(4, sizes - 1)).all()
+
+
+def test_build_bags_groups_cells(toy_slides):
+    sdata = toy_slides[0]
+    bags, _names = _bags(sdata)
+    cells = sdata["cells"]
+    assert bags.n_bags == sdata["spots"].n_obs  # every toy spot has cells
+    assert bags.n_cells.sum() == cells.obs["spot_id"].notna().sum()
+    # each bag's cells are exactly the cells assigned to that spot
+    for b in (0, 5, bags.n_bags - 1):
+        rows = bags.cell_obs[bags.bag_ptr[b] : bags.bag_ptr[b + 1]]
+        assert set(cells.obs_names[rows]) == set(cells.obs_names[cells.obs["spot_id"] == bags.bag_ids[b]])
+    # edges are local to their bag
+    for b in range(bags.n_bags):
+        e = bags.edges[:, bags.edge_ptr[b] : bags.edge_ptr[b + 1]]
+        assert (e >= 0).all() and (e < bags.n_cells[b]).all()
+    assert bags.pos.min() >= 0 and bags.pos.max() < 64
+
+
+def test_collate_disjoint_graph(toy_slides):
+    bags, _ = _bags(toy_slides[0])
+    batch = collate(bags, np.array([3, 1, 7]))
+    n = bags.n_cells[[3, 1, 7]]
+    assert batch["x"].shape[0] == n.sum()
+    b = batch["batch"].numpy()
+    ei = batch["edge_index"].numpy()
+    assert (b[ei[0]] == b[ei[1]]).all()
+    np.testing.assert_array_equal(np.bincount(b), n)
+
+
+def test_empty_spot_is_skipped(toy_slides):
+    sdata = toy_slides[0]
+    cells = sdata["cells"]
+    cells.obs.loc[cells.obs["spot_id"] == "s0", "spot_id"] = None
+    bags, _ = _bags(sdata)
+    assert "s0" not in bags.bag_ids and bags.n_bags == sdata["spots"].n_obs - 1
+
+
+def test_missing_assignment_error(toy_slides):
+    sdata = toy_slides[0]
+    del sdata["cells"].obs["spot_id"]
+    with pytest.raises(KeyError, match="assign_cells"):
+        _bags(sdata)
+
+
+def test_quantise_positions():
+    rel = np.array([[-0.1, 0.0], [0.5, 0.999], [1.2, 0.25]])
+    np.testing.assert_array_equal(quantise_positions(rel, 4), [[0, 0], [2, 3], [3, 1]])
+
+
+@pytest.mark.parametrize("scale", ["raw", "library_size"])
+def test_target_transform_round_trip(scale, rng):
+    counts = rng.poisson(5, size=(40, 6)).astype(float)
+    t = TargetTransform.fit(counts, list("ABCDEF"), scale=scale)
+    z = t.encode(counts)
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=0), 1, atol=1e-4)
+    back = t.to_counts(z)
+    if scale == "raw":
+        np.testing.assert_allclose(back, counts, atol=1e-3)
+    else:
+        np.testing.assert_allclose(back.sum(axis=1), t.target_sum, rtol=1e-4)
+    with pytest.raises(ValueError, match="scale"):
+        TargetTransform.fit(counts, list("ABCDEF"), scale="tpm")

@@ -1,0 +1,183 @@
+"""BiTroModel on toy slides: training, prediction layout, save/load, baselines, transfer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bitro as bt
+from bitro.tl._cv import light_copy
+from bitro.tl._model import BiTroModel
+from conftest import GENES, SMALL, make_toy_slide
+
+
+def _fit(slides, **kw):
+    kw.setdefault("max_epochs", 25)
+    return bt.tl.fit(
+        slides, genes=GENES, config=SMALL, n_components=8, n_phenotypes=3, lr=3e-3, batch_size=8, seed=0, **kw
+    )
+
+
+def test_fit_predict_layers_and_accuracy(toy_slides):
+    train, test = toy_slides[:2], toy_slides[2]
+    model = _fit(train)
+    assert model.is_trained and len(model.history["train_loss"]) >= 1
+    assert model.history["train_loss"][-1] < model.history["train_loss"][0]
+    bt.tl.predict(model, test)
+    spots, cells = test["spots"], test["cells"]
+    layer = spots.layers["bitro"]
+    assert layer.shape == spots.shape and layer.dtype == np.float32
+    assert np.isfinite(layer).all()
+    # pseudo-cells sum to their spot in count space
+    pred_counts = np.expm1(layer)
+    cell_counts = np.expm1(cells.layers["bitro"])
+    for sid in spots.obs_names[:5]:
+        members = (cells.obs["spot_id"] == sid).to_numpy()
+        np.testing.assert_allclose(
+            np.nansum(cell_counts[members], axis=0),
+            pred_counts[spots.obs_names.get_loc(sid)],
+            rtol=1e-3,
+            atol=1e-3,
+        )
+    # cells outside every spot get no prediction
+    outside = cells.obs["spot_id"].isna().to_numpy()
+    assert np.isnan(cells.layers["bitro"][outside]).all()
+    assert cells.obsm["X_bitro_expr"].shape == (cells.n_obs, len(GENES))
+    assert spots.uns["bitro"]["model"] == "bitro" and cells.uns["bitro"]["genes"] == GENES
+    # the model learned: better than the training mean on held-out spots
+    res = bt.tl.evaluate(test, layer="bitro", inplace=False)
+    pcc = res[(res.metric == "pcc_gene") & (res.scale == "raw")]["value"].iloc[0]
+    assert pcc > 0.3
+
+
+def test_predict_refuses_overwrite(toy_slides):
+    model = _fit(toy_slides[:2], max_epochs=1)
+    bt.tl.predict(model, toy_slides[2])
+    with pytest.raises(ValueError, match="overwrite=True"):
+        bt.tl.predict(model, toy_slides[2])
+    bt.tl.predict(model, toy_slides[2], overwrite=True)
+
+
+def test_save_load_reproduces(tmp_path, toy_slides):
+    model = _fit(toy_slides[:2], max_epochs=3)
+    a = light_copy(toy_slides[2])
+    b = light_copy(toy_slides[2])
+    model.predict(a)
+    model.save(tmp_path / "m")
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "m")
+    loaded = BiTroModel.load(tmp_path / "m")
+    loaded.predict(b)
+    np.testing.assert_array_equal(a["spots"].layers["bitro"], b["spots"].layers["bitro"])
+    np.testing.assert_array_equal(a["cells"].layers["bitro"], b["cells"].layers["bitro"])
+    assert loaded.history == model.history
+    assert not list(tmp_path.glob("m/*.pkl"))
+
+
+def test_load_rejects_pickles_and_mismatch(tmp_path, toy_slides):
+    model = _fit(toy_slides[:2], max_epochs=1)
+    model.save(tmp_path / "m")
+    (tmp_path / "m" / "extra.pkl").write_bytes(b"x")
+    with pytest.raises(ValueError, match="pickle"):
+        BiTroModel.load(tmp_path / "m")
+    (tmp_path / "m" / "extra.pkl").unlink()
+    loaded = BiTroModel.load(tmp_path / "m")
+    other = light_copy(toy_slides[2])
+    other["cells"].obsm["X_bitro"] = np.zeros((other["cells"].n_obs, 5), np.float32)
+    with pytest.raises(ValueError, match="same encoder"):
+        loaded.predict(other)
+    other["cells"].obsm["X_bitro"] = toy_slides[2]["cells"].obsm["X_bitro"]
+    other["cells"].uns["X_bitro"] = {"encoder": "efficientnet_lite0"}
+    with pytest.raises(ValueError, match="encoder"):
+        loaded.predict(other)
+
+
+def test_bad_inputs(toy_slides):
+    with pytest.raises(ValueError, match="missing from the spots"):
+        bt.tl.fit(toy_slides[:2], genes=[*GENES, "NOPE"], max_epochs=1)
+    s = light_copy(toy_slides[0])
+    s["cells"].obsm["X_bitro"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        bt.tl.fit([s], genes=GENES, max_epochs=1)
+    with pytest.raises(ValueError, match="level"):
+        bt.tl.fit(toy_slides[:1], genes=GENES, level="cell")
+    with pytest.raises(ValueError, match="Unknown model"):
+        bt.tl.fit(toy_slides[:1], genes=GENES, model="xgboost")
+
+
+def test_single_training_section_and_empty_spots(toy_slides):
+    s = toy_slides[0]
+    cells = s["cells"]
+    cells.obs.loc[cells.obs["spot_id"] == "s0", "spot_id"] = None
+    model = _fit([s], max_epochs=2)  # one section: validation spots come from it
+    assert model.train_params["n_val_units"] >= 1
+    test = toy_slides[1]
+    test["cells"].obs.loc[test["cells"].obs["spot_id"] == "s3", "spot_id"] = None
+    bt.tl.predict(model, test)
+    row = test["spots"].obs_names.get_loc("s3")
+    assert np.isnan(test["spots"].layers["bitro"][row]).all()
+    assert test["spots"].obs["bitro_n_cells"].iloc[row] == 0
+
+
+@pytest.mark.parametrize("kind", ["ridge", "mlp", "depth", "cell_count", "mean"])
+def test_baselines_share_predict_path(kind, toy_slides):
+    model = bt.tl.fit(toy_slides[:2], genes=GENES, model=kind, seed=0)
+    test = light_copy(toy_slides[2])
+    model.predict(test, key_added="base")
+    layer = test["spots"].layers["base"]
+    assert layer.shape == test["spots"].shape and np.isfinite(layer).all()
+    if kind == "mean":
+        assert np.allclose(layer, layer[0])
+    if kind == "depth":
+        # depth spreads one total over fixed gene fractions: rows differ only by a scale in count space
+        c = np.expm1(layer)
+        frac = c / c.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(frac, np.broadcast_to(frac[0], frac.shape), atol=1e-4)
+
+
+def test_target_library_size(toy_slides):
+    model = _fit(toy_slides[:2], max_epochs=2, target="library_size")
+    assert model.transform.scale == "library_size" and model.transform.target_sum > 0
+
+
+def test_bulk_fit_and_transfer(toy_bulk_slides):
+    train = toy_bulk_slides[:3]
+    bulk = _fit(train, level="bulk", max_epochs=3)
+    assert bulk.level == "bulk" and bulk.cluster_weight == pytest.approx(0.1)
+    test = light_copy(toy_bulk_slides[3], tables=("spots", "cells", "patches", "bulk"))
+    bulk.predict(test)
+    assert np.isfinite(test["bulk"].layers["bitro"]).all()
+    assert test["patches"].layers["bitro"].shape[0] == test["patches"].n_obs
+    # bulk -> spot with LoRA: the base stays frozen
+    spot = bt.tl.transfer(bulk, train, level="spot", method="lora", max_epochs=2)
+    from bitro.models import lora_trainable_summary
+
+    summary = lora_trainable_summary(spot.net)
+    assert summary["lora"] > 0 and summary["frozen"] > summary["trainable"]
+    test2 = light_copy(toy_bulk_slides[3])
+    spot.predict(test2)
+    assert np.isfinite(test2["spots"].layers["bitro"]).all()
+    # spot -> bulk with LoRA, and a saved LoRA model reloads identically
+    spot_model = _fit(train, max_epochs=2)
+    to_bulk = bt.tl.transfer(spot_model, train, level="bulk", method="lora", max_epochs=2)
+    assert to_bulk.level == "bulk" and to_bulk.lora_info["rank"] == 8
+
+
+def test_transfer_new_genes_copies_shared_queries(toy_slides):
+    model = _fit(toy_slides[:2], max_epochs=2)
+    new_genes = GENES[:5]
+    t = bt.tl.transfer(model, toy_slides[:2], level="spot", genes=new_genes, method="full", max_epochs=1)
+    assert t.genes == new_genes
+
+
+def test_prediction_independent_of_batch(toy_slides):
+    model = _fit(toy_slides[:2], max_epochs=2)
+    a, b = light_copy(toy_slides[2]), light_copy(toy_slides[2])
+    model.predict(a, batch_size=1)
+    model.predict(b, batch_size=64)
+    np.testing.assert_allclose(a["spots"].layers["bitro"], b["spots"].layers["bitro"], atol=1e-4)
+
+
+def test_make_toy_slide_sanity():
+    s = make_toy_slide(0)
+    assert s["spots"].n_obs == 36 and s["cells"].obs["spot_id"].isna().sum() == 2
