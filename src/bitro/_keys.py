@@ -26,6 +26,8 @@ PRED = "bitro"
 PRED_OBSM = "X_bitro_expr"
 PHENOTYPE = "phenotype"
 SPOT_ID = "spot_id"
+PATCH_ID = "patch_id"
+N_CELLS = "n_cells"
 CONNECTIVITIES = "spatial_connectivities"
 DISTANCES = "spatial_distances"
 

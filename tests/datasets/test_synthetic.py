@@ -40,6 +40,8 @@ def test_elements_and_scale(slide):
     }
     meta = slide.attrs["bitro_synthetic"]
     assert meta["seed"] == 3 and meta["slide"] == 0 and meta["params"]["size"] == [900, 800]
+    for key in ("cells_truth", "spots", "bulk"):
+        assert slide[key].uns["bitro_synthetic"]["seed"] == 3
     cells = slide["cells_truth"]
     assert cells.n_obs > 200 and cells.n_vars == 200
     assert list(cells.obs["cell_type"].cat.categories) == meta["cell_types"]

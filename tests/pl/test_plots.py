@@ -378,3 +378,32 @@ def test_history_skips_missing_validation():
 
 def test_nice_scale_bar_lengths():
     assert [U.nice_length(s) for s in (1000, 120, 37, 9)] == [200, 20, 5, 1]
+
+
+# ---------------------------------------------------------------------------- real data
+@pytest.mark.realdata
+def test_spatial_on_a_whole_her2st_section(data_dir):
+    from bitro.io._build import image_levels
+
+    if not (data_dir / "her2st").is_dir():
+        pytest.skip("her2st not in the data kit")
+    sdata = bt.datasets.her2st("C2", data_dir=data_dir)
+    spots = sdata.tables["spots"]
+    counts = spots[:, "ERBB2"].layers["counts"]
+    counts = np.asarray(counts.toarray() if hasattr(counts, "toarray") else counts, dtype=np.float32)
+    h, w = image_levels(sdata, "he")[0]
+    axes = bt.pl.spatial(sdata, genes="ERBB2", layers="counts", show=False)
+    (image,) = axes.get_images()
+    assert max(image.get_array().shape[:2]) <= U.MAX_DISPLAY_PX  # never the full-resolution array
+    left, right, bottom, top = image.get_extent()
+    xy = spots.obsm["spatial"]
+    assert (
+        left <= xy[:, 0].min()
+        and right >= xy[:, 0].max()
+        and top <= xy[:, 1].min()
+        and bottom >= xy[:, 1].max()
+    )
+    assert right <= w + 64 and bottom <= h + 64
+    np.testing.assert_allclose(_disc_collection(axes).get_array(), np.log1p(counts.ravel()), rtol=1e-6)
+    radius = _disc_collection(axes).get_paths()[0].get_extents().width / 2
+    assert radius * bt.io.get_mpp(sdata) == pytest.approx(50.0, rel=0.02)  # 100 µm ST spots

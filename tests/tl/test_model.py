@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _toy import GENES, SMALL, make_toy_slide
 
 import bitro as bt
 from bitro.tl._cv import light_copy
 from bitro.tl._model import BiTroModel
-from conftest import GENES, SMALL, make_toy_slide
 
 
 def _fit(slides, **kw):

@@ -25,6 +25,7 @@ import pandas as pd
 from bitro import _keys as K
 from bitro._logging import logger
 from bitro._settings import progress, resolve_seed
+from bitro._version import __version__
 from bitro.datasets import _synthetic_render as R
 
 if TYPE_CHECKING:
@@ -234,7 +235,8 @@ def synthetic_tissue(
     - table ``"bulk"`` (not linked to shapes): one row named after the slide (``"synthetic_<i>"``), summed
       counts of all cells in ``layers["counts"]`` and TPM over the genes in ``X``;
     - ``attrs["bitro_scale"]`` (mpp, spot diameter and spacing in µm, technology, sample id) and
-      ``attrs["bitro_synthetic"]`` (parameters, seed, slide index, cell types, marker genes, glass fraction).
+      ``attrs["bitro_synthetic"]`` (parameters, seed, slide index, cell types, marker genes, glass fraction,
+      bitro version); each table carries ``uns["bitro_synthetic"]`` (function, seed, slide id).
 
     Raises
     ------
@@ -344,7 +346,11 @@ def _make_slide(
         "stain_jitter": [round(v, 4) for v in jitter],
         "n_cells": len(centroid),
         "n_spots": len(spot_ids),
+        "bitro_version": __version__,
     }
+    provenance = {"function": "bt.datasets.synthetic_tissue", "seed": int(seed), "slide_id": slide_id}
+    for table in (cells, spots, bulk):
+        table.uns[ATTRS_KEY] = dict(provenance)
     logger.info(
         "synthetic_tissue: slide %s, %d x %d px, %d cells, %d spots.",
         slide_id,

@@ -116,9 +116,10 @@ def cells(
         msg = f"polygons must be True, False or 'auto', got {polygons!r}."
         raise ValueError(msg)
     mpp = U.resolve_mpp(data, adata, mpp)
+    image = U.load_image(sdata, image_key, bbox)
     fig, axes = U.make_axes(len(colors), ax=ax, ncols=ncols)
     for axis, (title, values, categories) in zip(axes, resolved):
-        U.draw_image(axis, sdata, image_key, bbox)
+        U.draw_image(axis, image)
         U.style_spatial_axes(axis, bbox, title)
         sub_shapes = None if shapes is None else shapes.iloc[np.flatnonzero(view)]
         collection = _cells_collection(axis, xy[view], sub_shapes, mpp, alpha)
@@ -198,9 +199,10 @@ def segmentation(
         x0, y0, x1, y1 = bbox
         pad = 0.0 if "radius" not in shapes.columns else float(shapes["radius"].max())
         shapes = shapes.cx[x0 - pad : x1 + pad, y0 - pad : y1 + pad]
+    image = U.load_image(sdata, image_key, bbox)
     fig, axes = U.make_axes(1, ax=ax, ncols=1)
     axis = axes[0]
-    U.draw_image(axis, sdata, image_key, bbox)
+    U.draw_image(axis, image)
     U.style_spatial_axes(axis, bbox, f"{shapes_key} ({len(shapes)} in view)")
     if len(shapes):
         outlines = U.shape_collection(
@@ -251,7 +253,8 @@ def _cells_collection(axis: Axes, xy: np.ndarray, shapes, mpp: float | None, alp
     if len(xy) > MAX_POLYGONS:  # many dots: a scatter is much faster than patches
         from matplotlib.collections import CircleCollection
 
-        size_pt = (radius * U.points_per_pixel(axis)) ** 2 * np.pi
+        # true nucleus size, but at least scanpy's default dot area (120000 / n points²) so an overview stays visible
+        size_pt = max((radius * U.points_per_pixel(axis)) ** 2 * np.pi, min(30.0, 120000.0 / len(xy)))
         return CircleCollection(
             np.full(len(xy), size_pt),
             offsets=xy,

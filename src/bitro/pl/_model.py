@@ -312,9 +312,10 @@ def attention(
     others = np.setdiff1d(np.flatnonzero(U.in_bbox(xy, U.grown_bbox(bbox, 0.05))), members)
     mpp = U.resolve_mpp(sdata, cells_table)
 
+    image = U.load_image(sdata, image_key, bbox)
     fig, axes = U.make_axes(1, ax=ax, ncols=1)
     axis = axes[0]
-    U.draw_image(axis, sdata, image_key, bbox)
+    U.draw_image(axis, image)
     U.style_spatial_axes(axis, bbox, f"{gene} attention over {spot} ({len(shares)} cells)")
     fallback_r = (3.0 / mpp) if mpp else radius / 15
     if len(others):

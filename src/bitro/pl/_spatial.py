@@ -72,7 +72,8 @@ def spatial(
     mpp
         µm per pixel for the scale bar when ``data`` carries no scale (AnnData).
     scale_bar_um
-        Scale bar length in µm, ``"auto"`` or ``None`` for no bar.
+        Scale bar length in µm (a round shorter length when it is wider than the view), ``"auto"``
+        (about a fifth of the view) or ``None`` for no bar.
     ax
         Axes to draw into, one per panel.
     show
@@ -102,6 +103,7 @@ def spatial(
     radius = _spot_radius(sdata, table_key, adata, xy) * (1.0 if size is None else float(size))
     bbox = U.padded_bbox(xy, float(np.max(radius)) * 1.5)
     mpp = U.resolve_mpp(data, adata, mpp)
+    image = U.load_image(sdata, image_key, bbox)
     fig, axes = U.make_axes(len(genes) * len(layers), ax=ax, ncols=ncols or len(layers))
     cm = U.colormap(cmap)
     panel = 0
@@ -114,7 +116,7 @@ def spatial(
         for layer, vals in zip(layers, values):
             axis = axes[panel]
             panel += 1
-            U.draw_image(axis, sdata, image_key, bbox)
+            U.draw_image(axis, image)
             discs = U.circle_collection(xy, radius, cmap=cm, alpha=alpha, linewidths=0, zorder=2)
             discs.set_array(np.ma.masked_invalid(vals))
             discs.set_clim(lo, hi)

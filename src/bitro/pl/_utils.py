@@ -292,16 +292,23 @@ def read_image(
     return rgb, extent
 
 
-def draw_image(ax: Axes, sdata: sd.SpatialData | None, image_key: str | None, bbox: BBox) -> None:
-    """Draw the image crop under the overlays (nothing without SpatialData or ``image_key``)."""
+def load_image(sdata: sd.SpatialData | None, image_key: str | None, bbox: BBox):
+    """The display crop of ``image_key`` over ``bbox`` (see :func:`read_image`); ``None`` without an image."""
     if sdata is None or image_key is None:
-        return
+        return None
     from bitro._validate import check_key
 
     check_key(
         image_key, sdata.images.keys(), what="image", hint="Pass image_key=None to plot without an image."
     )
-    rgb, extent = read_image(sdata, image_key, bbox)
+    return read_image(sdata, image_key, bbox)
+
+
+def draw_image(ax: Axes, image: tuple[np.ndarray, tuple[float, float, float, float]] | None) -> None:
+    """Draw a crop returned by :func:`load_image` under the overlays."""
+    if image is None:
+        return
+    rgb, extent = image
     ax.imshow(rgb, extent=extent, origin="upper", interpolation="antialiased", zorder=0)
 
 

@@ -17,6 +17,10 @@ _EXPORTS = {
     "make_patches": "._bags",
     "cell_graph": "._bags",
     "select_genes": "._genes",
+    "FeatureProjection": "._reduce",
+    "PhenotypeModel": "._reduce",
+    "tissue_mask": "._tissue",
+    "tile_has_tissue": "._tissue",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

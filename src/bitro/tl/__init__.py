@@ -12,6 +12,10 @@ _EXPORTS = {
     "pcc_gene": "._metrics",
     "pcc_overall": "._metrics",
     "js_divergence": "._metrics",
+    "score_cells": "._metrics",
+    "original_reference": "._metrics",
+    "summarize_cv": "._cv",
+    "BaselineModel": "._baselines",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -32,6 +32,8 @@ def fit(
     n_phenotypes: int = 8,
     device: str | None = "auto",
     seed: int | None = None,
+    spots_key: str = K.SPOTS,
+    cells_key: str = K.CELLS,
 ) -> BiTroModel | BaselineModel:
     """Train a model on one or more slides.
 
@@ -62,6 +64,9 @@ def fit(
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     seed
         Random seed.
+    spots_key, cells_key
+        Tables of the spots and of the cells (e.g. ``"cells_truth"`` for pseudo-spots of cell-resolved
+        data built with :func:`bitro.tl.pseudo_spots`; bitro model only).
 
     Returns
     -------
@@ -94,6 +99,8 @@ def fit(
         n_phenotypes=n_phenotypes,
         cluster_weight=cluster_weight,
         seed=seed,
+        spots_key=spots_key,
+        cells_key=cells_key,
     )
     return m.train(
         max_epochs=max_epochs,

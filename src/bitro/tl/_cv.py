@@ -115,7 +115,7 @@ def cross_validate(
     return out[front + [c for c in out.columns if c not in front]]
 
 
-def summarize(cv: pd.DataFrame) -> pd.DataFrame:
+def summarize_cv(cv: pd.DataFrame) -> pd.DataFrame:
     """Mean ± sd over folds of each model × target × metric × scale."""
     g = cv.groupby(["protocol", "model", "target", "metric", "scale"])["value"]
     return g.agg(mean="mean", sd="std", n_folds="count").reset_index()

@@ -73,8 +73,8 @@ class TargetTransform:
         return ((log1p_scale(counts, self.scale, self.target_sum) - self.mean) / self.std).astype(np.float32)
 
     def to_log1p(self, z: np.ndarray) -> np.ndarray:
-        """z-scores → log1p expression on this transform's scale."""
-        return np.asarray(z, dtype=np.float64) * self.std + self.mean
+        """z-scores → log1p expression on this transform's scale (clipped at 0: counts are non-negative)."""
+        return np.maximum(np.asarray(z, dtype=np.float64) * self.std + self.mean, 0.0)
 
     def to_counts(self, z: np.ndarray) -> np.ndarray:
         """z-scores → expression in count space (``expm1``; non-negative)."""

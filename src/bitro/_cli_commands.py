@@ -1,0 +1,553 @@
+"""The work behind each ``bitro`` sub-command (imported only when a command runs).
+
+Every ``cmd_*`` function takes the parsed :class:`argparse.Namespace` and returns an exit code.
+User errors are raised as :class:`FileNotFoundError`, :class:`FileExistsError`, :class:`KeyError` or
+:class:`ValueError` with a message that names the fix; :func:`bitro.cli.main` turns them into
+``error: <message>`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bitro import _keys as K
+from bitro._logging import logger
+
+READERS = ("st", "hest", "visium", "wsi", "zarr")
+_SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".png", ".jpg", ".jpeg"}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def out(text: str) -> None:
+    """Write one line of command output to stdout (results; diagnostics go to the logger)."""
+    sys.stdout.write(f"{text}\n")
+
+
+def check_output(path: str | Path, *, overwrite: bool, flag: str = "--overwrite") -> Path:
+    """Refuse an existing output path unless ``overwrite``; return it as a :class:`Path`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        msg = f"output {str(path)!r} already exists; pass {flag} to replace it, or choose another path."
+        raise FileExistsError(msg)
+    return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace_path(write: Callable[[Path], Any], path: str | Path, *, overwrite: bool) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, then move the result into place.
+
+    An interrupted or failed write never leaves a half-written ``path`` (so a resumed cohort run
+    does not mistake it for finished work), and an existing ``path`` (``overwrite=True``) is only
+    removed once the new one is complete, so it may even be the store the data were read from.
+    """
+    path = check_output(path, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    old = path.parent / f".{path.name}.old-{tag}"
+    try:
+        write(tmp)
+        if path.exists() or path.is_symlink():
+            path.rename(old)
+        tmp.rename(path)
+    except BaseException:
+        _remove(tmp)
+        if old.exists() and not path.exists():
+            old.rename(path)
+        raise
+    if old.exists() or old.is_symlink():
+        _remove(old)
+    return path
+
+
+def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool) -> Path:
+    """Write a SpatialData object to a new zarr store ``path`` (atomically, see :func:`replace_path`)."""
+    return replace_path(lambda tmp: sdata.write(tmp, update_sdata_path=False), path, overwrite=overwrite)
+
+
+def rewrite_tables(sdata: Any, names: list[str]) -> None:
+    """Replace tables ``names`` in the zarr store ``sdata`` was read from, one at a time.
+
+    spatialdata refuses to overwrite an element inside the store backing the object, so each old
+    table folder is first moved aside (next to the store), the table is written afresh, and the old
+    folder is deleted only after the write succeeded (restored if it failed).
+    """
+    if sdata.path is None:
+        msg = "the data are not backed by a zarr store; use --out instead of --inplace."
+        raise ValueError(msg)
+    store = Path(sdata.path)
+    for name in names:
+        folder = store / "tables" / name
+        backup = store.parent / f".{store.name}.{name}.bak-{uuid.uuid4().hex[:8]}"
+        if folder.exists():
+            folder.rename(backup)
+        try:
+            sdata.write_element(name)
+        except BaseException:
+            if backup.exists():
+                _remove(folder)
+                backup.rename(folder)
+                if sdata.has_consolidated_metadata():
+                    sdata.write_consolidated_metadata()
+            raise
+        if backup.exists():
+            _remove(backup)
+
+
+def read_sdata(path: str | Path) -> Any:
+    """Read a SpatialData zarr store, with a clear error for missing or unreadable stores."""
+    import spatialdata as sd
+
+    path = Path(path)
+    if not path.exists():
+        msg = f"{str(path)!r} not found; give the path of a SpatialData zarr store (e.g. written by `bitro preprocess`)."
+        raise FileNotFoundError(msg)
+    try:
+        return sd.read_zarr(path)
+    except Exception as err:
+        msg = f"{str(path)!r} is not a readable SpatialData zarr store ({type(err).__name__}: {err})."
+        raise ValueError(msg) from err
+
+
+def read_genes(path: str | Path | None) -> list[str] | None:
+    """Read a gene list: ``.npy`` (1-D array of names) or text (one gene per line, ``#`` comments)."""
+    if path is None:
+        return None
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        msg = f"gene list {str(path)!r} not found; give a .txt file (one gene per line) or a .npy array."
+        raise FileNotFoundError(msg)
+    if path.suffix == ".npy":
+        try:
+            genes = [str(g) for g in np.load(path, allow_pickle=False).ravel()]
+        except ValueError as err:
+            msg = f"{str(path)!r} is not a .npy array of strings (object arrays are not read): {err}"
+            raise ValueError(msg) from err
+    else:
+        lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+        genes = [g for g in lines if g]
+    if not genes:
+        msg = f"gene list {str(path)!r} is empty."
+        raise ValueError(msg)
+    dup = sorted({g for g in genes if genes.count(g) > 1})
+    if dup:
+        msg = f"gene list {str(path)!r} repeats genes {dup[:5]}; list each gene once."
+        raise ValueError(msg)
+    return genes
+
+
+def parse_config(text: str | None) -> dict[str, Any] | None:
+    """``--config``: a JSON object given inline or as the path of a ``.json`` file."""
+    if text is None:
+        return None
+    source = "--config"
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            msg = f"--config {text!r} is neither a JSON object nor an existing JSON file."
+            raise FileNotFoundError(msg)
+        text, source = path.read_text(), str(path)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        msg = f"{source} is not valid JSON ({err}); e.g. --config '{{\"hidden_dim\": 64}}'."
+        raise ValueError(msg) from err
+    if not isinstance(config, dict):
+        msg = f"{source} must be a JSON object of BiTroConfig fields, got {type(config).__name__}."
+        raise ValueError(msg)
+    return config
+
+
+def check_device(device: str) -> str:
+    """Fail early (as a user error) when the requested device is not available."""
+    from bitro._settings import resolve_device
+
+    try:
+        resolve_device(device)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from err
+    return device
+
+
+def _table_name(sdata: Any, name: str) -> str:
+    from bitro._validate import check_key
+
+    return check_key(name, sdata.tables.keys(), what="table")
+
+
+# ------------------------------------------------------------------------------------ preprocess
+@dataclass
+class Job:
+    """One slide of ``bitro preprocess``: a name (output file stem) and how to read it."""
+
+    name: str
+    read: Callable[[], Any]
+
+
+def guess_reader(path: Path) -> str:
+    """Pick a reader from the input path (``--reader`` overrides)."""
+    if path.suffix == ".zarr" or (
+        path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup"))
+    ):
+        return "zarr"
+    if path.is_dir() and (path / "spatial").is_dir():
+        return "visium"
+    if path.is_dir() and (path / "st").is_dir() and (path / "wsis").is_dir():
+        return "hest"
+    if path.suffix.lower() in _SLIDE_SUFFIXES:
+        return "wsi"
+    msg = f"cannot tell which reader to use for {str(path)!r}; pass --reader {{{','.join(READERS)}}}."
+    raise ValueError(msg)
+
+
+def _read_bulk(path: str | None) -> Any:
+    if path is None:
+        return None
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        msg = f"--bulk {path!r} not found; give a CSV/TSV of gene → TPM (genes in the first column)."
+        raise FileNotFoundError(msg)
+    table = pd.read_csv(p, sep="\t" if p.suffix in (".tsv", ".txt") else ",", index_col=0)
+    if table.shape[1] != 1:
+        msg = f"--bulk {path!r} must have one value column (gene → TPM), found {table.shape[1]}."
+        raise ValueError(msg)
+    return table.iloc[:, 0]
+
+
+def _st_paths(path: Path, args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
+    base = path if path.is_dir() else path.parent
+    if path.is_dir():
+        if args.counts is None or args.spots is None:
+            msg = f"--reader st with the folder {str(path)!r} needs --counts and --spots (file names in it)."
+            raise ValueError(msg)
+        counts = base / args.counts
+    else:
+        counts = path
+        if args.spots is None:
+            msg = "--reader st needs --spots (the spot coordinates file)."
+            raise ValueError(msg)
+    spots = base / args.spots if path.is_dir() else Path(args.spots)
+    image = None if args.image is None else (base / args.image if path.is_dir() else Path(args.image))
+    return counts, spots, image
+
+
+def _ignored(args: argparse.Namespace, reader: str) -> None:
+    used = {
+        "st": {"counts", "spots", "image", "mpp", "sample_id"},
+        "hest": {"sample_id"},
+        "visium": {"image", "sample_id"},
+        "wsi": {"mpp", "sample_id", "bulk"},
+        "zarr": set(),
+    }[reader]
+    for name in ("counts", "spots", "image", "mpp", "sample_id", "bulk"):
+        if getattr(args, name, None) not in (None, []) and name not in used:
+            logger.warning("--%s is ignored by --reader %s", name.replace("_", "-"), reader)
+
+
+def make_jobs(args: argparse.Namespace) -> list[Job]:
+    """Turn the inputs and reader options into one :class:`Job` per slide."""
+    import bitro as bt
+
+    paths = [Path(p) for p in args.inputs]
+    if not args.cohort and len(paths) > 1:
+        msg = f"{len(paths)} inputs given; pass --cohort (with --out a folder) to process several slides."
+        raise ValueError(msg)
+    for p in paths:
+        if not p.exists():
+            msg = f"input {str(p)!r} not found."
+            raise FileNotFoundError(msg)
+    reader = args.reader or guess_reader(paths[0])
+    _ignored(args, reader)
+    ids = list(args.sample_id or [])
+    jobs: list[Job] = []
+    if reader == "hest":
+        if len(paths) != 1 or not ids:
+            msg = "--reader hest takes one INPUT (the HEST root folder) and --sample-id (repeat it with --cohort)."
+            raise ValueError(msg)
+        cells = args.segment == "none"
+        root = paths[0]
+        jobs = [Job(i, lambda i=i: bt.io.read_hest(root, i, cells=cells)) for i in ids]
+    else:
+        if len(ids) > 1 or (ids and len(paths) > 1):
+            msg = "--sample-id names a single slide; omit it with --cohort (slides are named after their files)."
+            raise ValueError(msg)
+        sid = ids[0] if ids else None
+        for p in paths:
+            name = sid or (p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.stem)
+            if reader == "zarr":
+                jobs.append(Job(name, lambda p=p: read_sdata(p)))
+            elif reader == "visium":
+                jobs.append(
+                    Job(name, lambda p=p: bt.io.read_visium(p, fullres_image=args.image, sample_id=sid))
+                )
+            elif reader == "wsi":
+                jobs.append(
+                    Job(
+                        name,
+                        lambda p=p: bt.io.read_wsi(
+                            p, bulk=_read_bulk(args.bulk), mpp=args.mpp, sample_id=sid
+                        ),
+                    )
+                )
+            else:
+                counts, spots, image = _st_paths(p, args)
+                jobs.append(
+                    Job(
+                        name,
+                        lambda c=counts, s=spots, i=image: bt.io.read_st(
+                            c, s, i, mpp=args.mpp, sample_id=sid
+                        ),
+                    )
+                )
+    names = [j.name for j in jobs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        msg = f"several inputs would be written as {dup}; give inputs with distinct names."
+        raise ValueError(msg)
+    return jobs
+
+
+def preprocess_sdata(sdata: Any, args: argparse.Namespace) -> Any:
+    """Stain normalisation → tissue → segmentation → embedding → spot assignment or patches."""
+    import bitro as bt
+
+    ow = args.overwrite
+    image = K.IMAGE
+    if args.stain != "none":
+        bt.pp.normalize_stains(sdata, image_key=K.IMAGE, method=args.stain, overwrite=ow, seed=args.seed)
+        image = K.IMAGE_NORMALIZED
+    bt.pp.detect_tissue(sdata, image_key=image, overwrite=ow)
+    if args.segment == "none":
+        _table_name(sdata, K.CELLS)
+    else:
+        bt.pp.segment_cells(sdata, image_key=image, method=args.segment, overwrite=ow, seed=args.seed)
+    bt.pp.embed_cells(
+        sdata,
+        image_key=image,
+        encoder=args.encoder,
+        mode=args.mode,
+        device=args.device,
+        overwrite=ow,
+        seed=args.seed,
+    )
+    bags = args.bags or ("assign" if K.SPOTS in sdata.tables else "patches")
+    if bags == "assign":
+        _table_name(sdata, K.SPOTS)
+        bt.pp.assign_cells(sdata, overwrite=ow)
+    elif bags == "patches":
+        bt.pp.make_patches(sdata, size_um=args.patch_um, overwrite=ow)
+    cells = sdata.tables[K.CELLS]
+    logger.info(
+        "%d cells embedded (%s, %d features); bags: %s",
+        cells.n_obs,
+        args.encoder,
+        cells.obsm[K.EMBEDDING].shape[1],
+        bags,
+    )
+    return sdata
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    """``bitro preprocess``: one slide to one zarr, or a cohort into a folder (resumable)."""
+    check_device(args.device)
+    jobs = make_jobs(args)
+    if not args.cohort:
+        target = check_output(args.out, overwrite=args.overwrite)
+        sdata = preprocess_sdata(jobs[0].read(), args)
+        write_sdata(sdata, target, overwrite=args.overwrite)
+        out(str(target))
+        return 0
+    folder = Path(args.out)
+    if folder.exists() and not folder.is_dir():
+        msg = f"--out {str(folder)!r} is a file; with --cohort it must be a folder."
+        raise ValueError(msg)
+    folder.mkdir(parents=True, exist_ok=True)
+    done, skipped, failed = [], [], []
+    for i, job in enumerate(jobs, 1):
+        target = folder / f"{job.name}.zarr"
+        if target.exists() and not args.overwrite:
+            logger.info("[%d/%d] %s: skipped (%s exists)", i, len(jobs), job.name, target)
+            out(f"skipped {job.name}: {target} exists")
+            skipped.append(job.name)
+            continue
+        logger.info("[%d/%d] %s: preprocessing", i, len(jobs), job.name)
+        try:
+            sdata = preprocess_sdata(job.read(), args)
+            write_sdata(sdata, target, overwrite=args.overwrite)
+        except Exception as err:  # one bad slide must not stop the cohort
+            logger.debug("slide %s failed", job.name, exc_info=True)
+            logger.error("[%d/%d] %s: failed: %s", i, len(jobs), job.name, _message(err))
+            failed.append((job.name, _message(err)))
+            continue
+        out(f"written {job.name}: {target}")
+        done.append(job.name)
+    out(f"cohort: {len(done)} written, {len(skipped)} skipped, {len(failed)} failed")
+    if failed:
+        listing = "; ".join(f"{n} ({m})" for n, m in failed)
+        sys.stderr.write(f"error: {len(failed)} of {len(jobs)} slides failed: {listing}\n")
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------ modelling
+def _read_all(paths: list[str]) -> list[Any]:
+    return [read_sdata(p) for p in paths]
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """``bitro fit``: train on preprocessed slides and save the model folder."""
+    import bitro as bt
+
+    if args.model != "bitro":
+        msg = (
+            f"--model {args.model}: only --model bitro can be saved (baselines have no save format); "
+            f"train baselines in Python with bt.tl.fit(..., model={args.model!r})."
+        )
+        raise ValueError(msg)
+    target = check_output(args.out, overwrite=args.overwrite)
+    genes = read_genes(args.genes)
+    config = parse_config(args.config)
+    check_device(args.device)
+    sdatas = _read_all(args.train)
+    model = bt.tl.fit(
+        sdatas,
+        level=args.level,
+        genes=genes,
+        model=args.model,
+        target=args.target,
+        use_rep=args.use_rep,
+        config=config,
+        max_epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        validation_fraction=args.validation_fraction,
+        cluster_weight=args.cluster_weight,
+        n_components=args.n_components,
+        n_phenotypes=args.n_phenotypes,
+        device=args.device,
+        seed=args.seed,
+    )
+    model.save(target, overwrite=args.overwrite)
+    logger.info("%r trained for %d epochs; saved to %s", model, len(model.history.get("epoch", [])), target)
+    out(str(target))
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    """``bitro transfer``: fine-tune a saved model on another level and save the new model."""
+    import bitro as bt
+    from bitro.tl._model import BiTroModel
+
+    target = check_output(args.out, overwrite=args.overwrite)
+    genes = read_genes(args.genes)
+    check_device(args.device)
+    model = BiTroModel.load(args.model_dir)
+    sdatas = _read_all(args.data)
+    new = bt.tl.transfer(
+        model,
+        sdatas,
+        level=args.level,
+        method=args.method,
+        genes=genes,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target=args.target,
+        max_epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        validation_fraction=args.validation_fraction,
+        cluster_weight=args.cluster_weight,
+        device=args.device,
+        seed=args.seed,
+    )
+    new.save(target, overwrite=args.overwrite)
+    logger.info("%r (%s from %s level) saved to %s", new, args.method, model.level, target)
+    out(str(target))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``bitro predict``: load a model, predict one slide, write a new zarr or update it in place."""
+    from bitro.tl._model import BiTroModel
+
+    target = None if args.inplace else check_output(args.out, overwrite=args.overwrite)
+    check_device(args.device)
+    model = BiTroModel.load(args.model_dir)
+    sdata = read_sdata(args.data)
+    model.predict(
+        sdata,
+        key_added=args.key_added,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    if target is not None:
+        write_sdata(sdata, target, overwrite=args.overwrite)
+        out(str(target))
+        return 0
+    # Predictions only touch tables (held in memory), so rewrite just those elements of the store.
+    written = [name for name, table in sdata.tables.items() if args.key_added in table.uns]
+    rewrite_tables(sdata, written)
+    logger.info("updated tables %s of %s", written, args.data)
+    out(str(args.data))
+    return 0
+
+
+def _compact(metrics: Any) -> str:
+    table = metrics.pivot_table(index="metric", columns="scale", values="value", sort=False)
+    return table.round(3).to_string()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``bitro evaluate``: score predictions against observed counts; CSV + compact table."""
+    import bitro as bt
+
+    target = None if args.out is None else check_output(args.out, overwrite=args.overwrite)
+    sdata = read_sdata(args.data)
+    table = _table_name(sdata, args.table)
+    truth = None if args.truth_layer in ("X", "none") else args.truth_layer
+    metrics = bt.tl.evaluate(
+        sdata, table_key=table, layer=args.layer, truth_layer=truth, normalize=args.normalize, inplace=False
+    )
+    if target is not None:
+        replace_path(lambda tmp: metrics.to_csv(tmp, index=False), target, overwrite=args.overwrite)
+        logger.info("metrics written to %s", target)
+    out(_compact(metrics))
+    return 0
+
+
+def _message(err: BaseException) -> str:
+    """The user-facing text of an exception (``KeyError`` quotes its message; undo that)."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err) or type(err).__name__
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "preprocess": cmd_preprocess,
+    "fit": cmd_fit,
+    "transfer": cmd_transfer,
+    "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
+}
