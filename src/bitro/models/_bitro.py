@@ -85,6 +85,7 @@ class BiTroNet(nn.Module):
             output=c.output,
             pooling=c.pooling,
             use_cell_count=c.use_cell_count,
+            readout=c.readout,
         )
         # initialise once, in a fixed order, from the RNG state at entry: constructing after
         # ``torch.manual_seed(s)`` equals ``torch.manual_seed(s); net.reset_parameters()``.
@@ -101,7 +102,8 @@ class BiTroNet(nn.Module):
     def gene_parameter_names(self) -> list[str]:
         """Names of the parameters with one row per gene (queries, or the mean-pooling output layer)."""
         if self.config.pooling == "gene_query":
-            return ["head.queries"]
+            extra = ["head.gene_weight", "head.gene_bias"] if self.config.readout == "gene" else []
+            return ["head.queries", *extra]
         return ["head.readout.out.weight", "head.readout.out.bias"]
 
     # ------------------------------------------------------------------ forward
@@ -268,6 +270,7 @@ class BiTroNet(nn.Module):
             f"pooling={c.pooling!r}",
             f"output={c.output!r}",
             *(["cell_count=on"] if c.use_cell_count else []),
+            *(["readout='gene'"] if c.readout == "gene" else []),
             f"params={sum(p.numel() for p in self.parameters()):,}",
         ]
         return f"{type(self).__name__}({', '.join(parts)})"

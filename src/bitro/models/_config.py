@@ -52,6 +52,13 @@ class BiTroConfig:
     use_cell_count
         Extension, off by default (paper-faithful): feed ``log1p(cells in the bag)`` to the head.
         Softmax pooling cannot see how many cells a bag holds, while raw counts scale with it.
+    readout
+        ``"gene"`` (default; extension: the hidden layer is shared, the last linear layer has one weight
+        vector and bias per gene) or ``"shared"`` (the paper's Eq. 9: one readout MLP for every gene). With a
+        shared readout a gene's value can depend on its pooled vector only, so gene specificity must come
+        from attention alone; the per-gene output lets each gene weigh the pooled features itself. On
+        held-out synthetic slides the shared readout barely moved off the training mean (library-size
+        PCC_gene 0.05) while the per-gene output reached 0.29 (ridge probe: 0.33).
     """
 
     n_genes: int
@@ -71,6 +78,7 @@ class BiTroConfig:
     pooling: Literal["gene_query", "mean"] = "gene_query"
     readout_hidden: int = 64
     use_cell_count: bool = False
+    readout: Literal["shared", "gene"] = "gene"
 
     def __post_init__(self) -> None:
         for name in (
@@ -109,6 +117,9 @@ class BiTroConfig:
             raise ValueError(msg)
         if self.pooling not in _POOLINGS:
             msg = f"BiTroConfig.pooling must be one of {_POOLINGS}, got {self.pooling!r}."
+            raise ValueError(msg)
+        if self.readout not in ("shared", "gene"):
+            msg = f"BiTroConfig.readout must be 'shared' or 'gene', got {self.readout!r}."
             raise ValueError(msg)
         if self.hidden_dim % self.transformer_heads:
             msg = (

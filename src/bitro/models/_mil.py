@@ -57,6 +57,7 @@ class GeneQueryHead(nn.Module):
         output: str = "linear",
         pooling: str = "gene_query",
         use_cell_count: bool = False,
+        readout: str = "shared",
     ) -> None:
         super().__init__()
         if output not in _OUTPUTS:
@@ -66,11 +67,18 @@ class GeneQueryHead(nn.Module):
             msg = f"pooling must be one of {_POOLINGS}, got {pooling!r}."
             raise ValueError(msg)
         self.hidden_dim, self.n_genes, self.readout_hidden = hidden_dim, n_genes, readout_hidden
+        if readout not in ("shared", "gene"):
+            msg = f"readout must be 'shared' or 'gene', got {readout!r}."
+            raise ValueError(msg)
         self.output, self.pooling, self.use_cell_count = output, pooling, use_cell_count
+        self.readout_kind = readout if pooling == "gene_query" else "shared"
         self.count_proj = nn.Linear(1, hidden_dim) if use_cell_count else None
         n_out = 1 if pooling == "gene_query" else n_genes
         if pooling == "gene_query":
             self.queries = nn.Parameter(torch.empty(n_genes, hidden_dim))
+        if self.readout_kind == "gene":
+            self.gene_weight = nn.Parameter(torch.empty(n_genes, readout_hidden))
+            self.gene_bias = nn.Parameter(torch.zeros(n_genes))
         self.readout = nn.Sequential(
             OrderedDict(
                 norm=nn.LayerNorm(hidden_dim),
@@ -95,6 +103,10 @@ class GeneQueryHead(nn.Module):
         for mod in self.readout:
             if hasattr(mod, "reset_parameters"):
                 mod.reset_parameters()
+        if self.readout_kind == "gene":
+            bound = 1.0 / math.sqrt(self.readout_hidden)
+            nn.init.uniform_(self.gene_weight, -bound, bound)
+            nn.init.zeros_(self.gene_bias)
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
         return F.softplus(y) if self.output == "softplus" else y
@@ -137,12 +149,17 @@ class GeneQueryHead(nn.Module):
         z = torch.bmm(weights, dense)  # (B, G, D)
         if shift is not None:
             z = z + shift[:, None, :]
-        y = self._activate(self.readout(z).squeeze(-1))  # (B, G)
+        if self.readout_kind == "gene":
+            r = self.readout[:-1](z)  # (B, G, readout_hidden): LN → Linear → ReLU
+            y = self._activate((r * self.gene_weight).sum(-1) + self.gene_bias)  # (B, G)
+        else:
+            y = self._activate(self.readout(z).squeeze(-1))  # (B, G)
         attn = weights.transpose(1, 2)[mask]  # (N, G)
         return y, attn
 
     def extra_repr(self) -> str:
         return (
             f"hidden_dim={self.hidden_dim}, n_genes={self.n_genes}, readout_hidden={self.readout_hidden}, "
-            f"output={self.output!r}, pooling={self.pooling!r}, use_cell_count={self.use_cell_count}"
+            f"output={self.output!r}, pooling={self.pooling!r}, use_cell_count={self.use_cell_count}, "
+            f"readout={self.readout_kind!r}"
         )
