@@ -181,3 +181,24 @@ def test_prediction_independent_of_batch(toy_slides):
 def test_make_toy_slide_sanity():
     s = make_toy_slide(0)
     assert s["spots"].n_obs == 36 and s["cells"].obs["spot_id"].isna().sum() == 2
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path, toy_slides):
+    def model():
+        return BiTroModel(toy_slides[:2], genes=GENES, config=SMALL, n_components=8, n_phenotypes=3, seed=3)
+
+    full = model().train(max_epochs=4, lr=3e-3, batch_size=8, patience=50, checkpoint_dir=tmp_path / "a")
+    interrupted = model().train(
+        max_epochs=2, lr=3e-3, batch_size=8, patience=50, checkpoint_dir=tmp_path / "b"
+    )
+    assert len(interrupted.history["epoch"]) == 2
+    resumed = model().train(max_epochs=4, lr=3e-3, batch_size=8, patience=50, checkpoint_dir=tmp_path / "b")
+    assert resumed.history["epoch"] == [1, 2, 3, 4]
+    np.testing.assert_array_equal(resumed.history["train_loss"], full.history["train_loss"])
+    for (k, a), (_, b) in zip(full.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert (a == b).all(), k
+    assert not list((tmp_path / "b").glob("*.pkl")) and (tmp_path / "b" / "train_state.safetensors").is_file()
+    # a checkpoint of another run is refused
+    other = BiTroModel(toy_slides[:2], genes=GENES, config=SMALL, n_components=8, n_phenotypes=3, seed=4)
+    with pytest.raises(ValueError, match="another training run"):
+        other.train(max_epochs=4, checkpoint_dir=tmp_path / "b")

@@ -401,6 +401,7 @@ class BiTroModel:
         grad_clip: float = 1.0,
         device: str | None = "auto",
         parameters: Any = None,
+        checkpoint_dir: str | Path | None = None,
     ) -> BiTroModel:
         """Train with Adam, gradient-norm clipping and early stopping on a validation split.
 
@@ -428,6 +429,10 @@ class BiTroModel:
             ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``.
         parameters
             Parameters to optimise (default: all trainable ones); used by transfer.
+        checkpoint_dir
+            Save the training state there after every epoch (safetensors + JSON). If the folder already
+            holds a checkpoint of this training run, training resumes from it; on the CPU the result is
+            identical to an uninterrupted run with the same seed.
         """
         import torch
 
@@ -437,6 +442,7 @@ class BiTroModel:
         dev = resolve_device(device)
         rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
+        self._start_hash = self.weights_hash()
         train_idx, val_idx = self._split(validation_fraction, rng)
         net = self.net.to(dev)
         params = [p for p in (parameters if parameters is not None else net.parameters()) if p.requires_grad]
@@ -446,7 +452,33 @@ class BiTroModel:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         best, best_state, bad_epochs = np.inf, None, 0
         start_epoch = len(self.history["epoch"])
-        bar = progress(range(max_epochs), desc=f"training ({self.level})", unit="epoch")
+        first = 0
+        if checkpoint_dir is not None:
+            from bitro.tl._checkpoint import load_training_state, restore_optimizer
+
+            saved = load_training_state(checkpoint_dir)
+            if saved is not None:
+                tensors, meta = saved
+                if meta.get("weights_start") != self._start_hash:
+                    msg = (
+                        f"The checkpoint in {str(checkpoint_dir)!r} belongs to another training run (different "
+                        "model, data or seed); use an empty checkpoint_dir or delete it."
+                    )
+                    raise ValueError(msg)
+                net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+                if meta["has_best"]:
+                    best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+                restore_optimizer(opt, tensors, meta)
+                rng.bit_generator.state = meta["numpy_rng"]
+                torch.set_rng_state(tensors["rng.torch"])
+                best, bad_epochs, first = meta["best"], meta["bad_epochs"], meta["epochs_done"]
+                self.history = {k: list(v) for k, v in meta["history"].items()}
+                start_epoch = len(self.history["epoch"]) - first
+                logger.info("Resuming training from epoch %d (%s).", first, checkpoint_dir)
+        stopped = bool(checkpoint_dir is not None and first and bad_epochs >= patience and len(val_idx))
+        bar = progress(
+            range(first, max_epochs if not stopped else first), desc=f"training ({self.level})", unit="epoch"
+        )
         for epoch in bar:
             net.train()
             losses = []
@@ -469,9 +501,26 @@ class BiTroModel:
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
             else:
                 bad_epochs += 1
-                if len(val_idx) and bad_epochs >= patience:
-                    logger.info("Early stopping after epoch %d (best validation loss %.4f).", epoch + 1, best)
-                    break
+            if checkpoint_dir is not None:
+                from bitro.tl._checkpoint import save_training_state
+
+                save_training_state(
+                    checkpoint_dir,
+                    net_state=net.state_dict(),
+                    best_state=best_state,
+                    optimizer=opt,
+                    rng=rng,
+                    meta={
+                        "weights_start": self._start_hash,
+                        "epochs_done": epoch + 1,
+                        "best": float(best),
+                        "bad_epochs": bad_epochs,
+                        "history": self.history,
+                    },
+                )
+            if len(val_idx) and bad_epochs >= patience:
+                logger.info("Early stopping after epoch %d (best validation loss %.4f).", epoch + 1, best)
+                break
         if best_state is not None:
             net.load_state_dict(best_state)
         self.net = net.cpu()
