@@ -9,11 +9,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from bitro import __version__  # noqa: E402
+from bitro import __version__
 
 project = "bitro"
 author = "bitro developers"
-copyright = "2026, bitro developers"  # noqa: A001
+copyright = "2026, bitro developers"
 version = release = __version__
 
 extensions = [
