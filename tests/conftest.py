@@ -19,6 +19,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 def pytest_collection_modifyitems(config, items):
     if DATA_DIR.is_dir():
         return
+    if os.environ.get("CI") and any("realdata" in item.keywords for item in items):
+        msg = f"CI must run the real-data tests, but the data kit is missing at {DATA_DIR} (set BITRO_DATA_DIR)."
+        raise pytest.UsageError(msg)
     skip = pytest.mark.skip(reason=f"real-data kit not found at {DATA_DIR} (set BITRO_DATA_DIR)")
     for item in items:
         if "realdata" in item.keywords:
