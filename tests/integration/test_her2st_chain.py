@@ -24,7 +24,12 @@ def crop_section(section: str, data_dir, half: int = HALF_WINDOW_PX) -> sd.Spati
     centre = xy[np.argmin(np.linalg.norm(xy - np.median(xy, axis=0), axis=1))]
     lo, hi = centre - half, centre + half
     crop = sd.bounding_box_query(
-        full, axes=("x", "y"), min_coordinate=lo, max_coordinate=hi, target_coordinate_system="global", filter_table=True
+        full,
+        axes=("x", "y"),
+        min_coordinate=lo,
+        max_coordinate=hi,
+        target_coordinate_system="global",
+        filter_table=True,
     )
     # bring the crop to its own level-0 frame: pixel (0, 0) = the window's corner
     from bitro.io._build import circles_element, image_element, set_scale, table_element
@@ -33,12 +38,18 @@ def crop_section(section: str, data_dir, half: int = HALF_WINDOW_PX) -> sd.Spati
     img = crop.images["he"].data
     spots = crop["spots"].copy()
     spots.obsm["spatial"] = spots.obsm["spatial"] - [x0, y0]
-    keep = (spots.obsm["spatial"] >= 0).all(axis=1) & (spots.obsm["spatial"] < img.shape[1:][::-1]).all(axis=1)
+    keep = (spots.obsm["spatial"] >= 0).all(axis=1) & (spots.obsm["spatial"] < img.shape[1:][::-1]).all(
+        axis=1
+    )
     spots = spots[keep].copy()
     del spots.uns["spatialdata_attrs"]
     out = sd.SpatialData(
         images={"he": image_element(img.compute(), chunks=512)},
-        shapes={"spots_shapes": circles_element(spots.obsm["spatial"], crop.shapes["spots_shapes"]["radius"].iloc[0], spots.obs_names)},
+        shapes={
+            "spots_shapes": circles_element(
+                spots.obsm["spatial"], crop.shapes["spots_shapes"]["radius"].iloc[0], spots.obs_names
+            )
+        },
         tables={"spots": table_element(spots, region="spots_shapes")},
     )
     set_scale(out, **full.attrs["bitro_scale"])
@@ -111,3 +122,54 @@ def test_efficientnet_tile_embedding_on_real_section(data_dir):
     x = sdata["cells"].obsm["X_bitro"]
     assert x.shape[1] == 1280 and np.isfinite(x).all()
     assert x.std(axis=0).mean() > 0.01  # not constant: real image content reached the encoder
+
+
+def _with_pseudo_bulk(sdata):
+    """Add the section's pseudo-bulk (sum of its spots) as table "bulk" and spot-sized patches."""
+    import anndata as ad
+    import pandas as pd
+    from spatialdata.models import TableModel
+
+    counts = np.asarray(sdata["spots"].layers["counts"].sum(axis=0)).reshape(1, -1)
+    bulk = ad.AnnData(
+        X=(counts / counts.sum() * 1e6).astype(np.float32),
+        obs=pd.DataFrame(index=[sdata.attrs["bitro_scale"]["sample_id"]]),
+        var=pd.DataFrame(index=sdata["spots"].var_names),
+    )
+    bulk.layers["counts"] = counts.astype(np.float32)
+    sdata.tables["bulk"] = TableModel.parse(bulk)
+    if "patches" not in sdata.tables:
+        bt.pp.make_patches(sdata, tissue_key=None)
+    return sdata
+
+
+def test_pseudo_bulk_fit_and_lora_transfer_both_ways(sections):
+    genes = bt.datasets.her2st_genes()[:50]
+    small = {"hidden_dim": 32, "ffn_dim": 64, "readout_hidden": 32}
+    slides = [_with_pseudo_bulk(sections[s]) for s in SECTIONS]
+    train, test = slides[:4], slides[4]
+    bulk = bt.tl.fit(
+        train, level="bulk", genes=genes, max_epochs=2, lr=1e-3, n_components=16, config=small, seed=0
+    )
+    from bitro.tl._cv import light_copy
+
+    out = light_copy(test, tables=("spots", "cells", "patches", "bulk"))
+    bulk.predict(out)
+    pred = out["bulk"].layers["bitro"]
+    cols = out["bulk"].var_names.get_indexer(genes)
+    assert np.isfinite(pred[:, cols]).all()
+    res = bt.tl.evaluate(
+        out, table_key="bulk", layer="bitro", truth_layer=None, normalize="raw", inplace=False
+    )
+    assert np.isfinite(res.loc[res.metric == "pcc_overall", "value"]).all()
+    # bulk -> spot and spot -> bulk with LoRA (base frozen)
+    from bitro.models import lora_trainable_summary
+
+    to_spot = bt.tl.transfer(bulk, train, level="spot", method="lora", max_epochs=1)
+    s = lora_trainable_summary(to_spot.net)
+    assert s["lora"] > 0 and s["frozen"] > s["trainable"]
+    spot = bt.tl.fit(train, genes=genes, max_epochs=1, lr=1e-3, n_components=16, config=small, seed=0)
+    to_bulk = bt.tl.transfer(spot, train, level="bulk", method="lora", max_epochs=1)
+    out2 = light_copy(test, tables=("spots", "cells", "patches", "bulk"))
+    to_bulk.predict(out2)
+    assert np.isfinite(out2["bulk"].layers["bitro"][:, cols]).all()

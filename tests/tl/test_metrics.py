@@ -233,7 +233,13 @@ def test_evaluate_errors(rng):
     pred = np.log1p(counts)
     pred[1:] = np.nan
     adata.layers["bitro"] = pred
-    with pytest.raises(ValueError, match="at least 2 units"):
+    # one scored unit (e.g. one bulk sample): gene-wise PCC is NaN, per-unit metrics are kept
+    one = bt.tl.evaluate(adata, inplace=False)
+    assert np.isnan(one.loc[one.metric == "pcc_gene", "value"]).all()
+    assert np.allclose(one.loc[(one.metric == "pcc_overall") & (one.scale == "raw"), "value"], 1.0)
+    adata.layers["bitro"] = np.full(counts.shape, np.nan, dtype=np.float32)
+    adata.layers["bitro"][:, 0] = 1.0
+    with pytest.raises(ValueError, match="No unit"):
         bt.tl.evaluate(adata)
     with pytest.raises(KeyError, match="not in the table"):
         adata.layers["bitro"] = np.log1p(counts)

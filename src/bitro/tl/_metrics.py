@@ -130,13 +130,15 @@ def _select(
         )
         raise ValueError(msg)
     rows = np.isfinite(pred[:, has_pred]).all(axis=1) & np.isfinite(obs[:, has_pred]).all(axis=1)
-    if int(rows.sum()) < 2:
+    if int(rows.sum()) < 1:
         msg = (
-            f"Only {int(rows.sum())} unit(s) have predictions for all genes; PCC_gene needs at least 2 units. "
-            "Score several spots/samples together (for a single bulk sample use bt.tl.pcc_overall and "
-            "bt.tl.js_divergence on the arrays)."
+            "No unit has predictions for all genes; run bt.tl.predict first or check the units without cells."
         )
         raise ValueError(msg)
+    if int(rows.sum()) == 1:
+        logger.info(
+            "evaluate: one unit scored (e.g. one bulk sample): gene-wise PCCs are NaN, per-unit metrics are kept."
+        )
     info = {
         "genes_without_prediction": no_pred,
         "n_units_without_prediction": int((~rows).sum()),
@@ -151,13 +153,16 @@ def _score_scale(
 ) -> tuple[list[dict[str, Any]], MetricResult, MetricResult | None]:
     """Score aligned log1p arrays (units × genes, finite) of one scale; returns rows, per-gene and per-unit PCC."""
     n_units, n_genes = o.shape
-    results = {
-        "pcc_gene": pcc_gene(o, p),
-        f"pcc_gene_top{TOP_N}_var": pcc_gene_top(o, p, by="variance"),
-        f"pcc_gene_top{TOP_N}_mean": pcc_gene_top(o, p, by="mean"),
-        "mse": mse(o, p),
-        "mae": mae(o, p),
-    }
+    if n_units >= 2:
+        results = {
+            "pcc_gene": pcc_gene(o, p),
+            f"pcc_gene_top{TOP_N}_var": pcc_gene_top(o, p, by="variance"),
+            f"pcc_gene_top{TOP_N}_mean": pcc_gene_top(o, p, by="mean"),
+        }
+    else:  # gene-wise correlation needs ≥ 2 units
+        nan = MetricResult(float("nan"), np.full(n_genes, np.nan))
+        results = {"pcc_gene": nan, f"pcc_gene_top{TOP_N}_var": nan, f"pcc_gene_top{TOP_N}_mean": nan}
+    results.update({"mse": mse(o, p), "mae": mae(o, p)})
     if n_genes >= 2:
         results["pcc_overall"] = pcc_overall(o, p)
         results["js"] = js_divergence(np.clip(np.expm1(o), 0.0, None), np.clip(np.expm1(p), 0.0, None))
@@ -228,8 +233,8 @@ def _evaluate_table(
         else:
             # a unit without observed molecules has no composition: it is not scored on this scale
             ok = lib_obs > 0
-            if int(ok.sum()) < 2:
-                msg = "Fewer than 2 units have observed counts; the library_size scale cannot be scored."
+            if int(ok.sum()) < 1:
+                msg = "No unit has observed counts; the library_size scale cannot be scored."
                 raise ValueError(msg)
             if not ok.all():
                 logger.info(
