@@ -238,7 +238,8 @@ def test_evaluate_errors(rng):
     assert np.isnan(one.loc[one.metric == "pcc_gene", "value"]).all()
     assert np.allclose(one.loc[(one.metric == "pcc_overall") & (one.scale == "raw"), "value"], 1.0)
     adata.layers["bitro"] = np.full(counts.shape, np.nan, dtype=np.float32)
-    adata.layers["bitro"][:, 0] = 1.0
+    adata.layers["bitro"][0, 0] = 1.0  # gene 0 predicted only in unit 0, gene 1 only in unit 1
+    adata.layers["bitro"][1, 1] = 1.0
     with pytest.raises(ValueError, match="No unit"):
         bt.tl.evaluate(adata)
     with pytest.raises(KeyError, match="not in the table"):
