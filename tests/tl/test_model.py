@@ -202,3 +202,26 @@ def test_resume_from_checkpoint_is_exact(tmp_path, toy_slides):
     other = BiTroModel(toy_slides[:2], genes=GENES, config=SMALL, n_components=8, n_phenotypes=3, seed=4)
     with pytest.raises(ValueError, match="another training run"):
         other.train(max_epochs=4, checkpoint_dir=tmp_path / "b")
+
+
+def test_context_ring(tmp_path, toy_slides):
+    from bitro.tl._data import collate
+
+    model = _fit(toy_slides[:2], max_epochs=2, context_um=120.0)
+    bags = model.train_bags
+    assert bags.ctx_ptr is not None and bags.ctx_ptr[-1] > 0
+    # context cells are outside their bag but within radius + ring of its centre
+    sdata = toy_slides[0]
+    cells = sdata["cells"]
+    b = int(np.argmax(np.diff(bags.ctx_ptr)[: (bags.bag_slide == 0).sum()]))
+    batch = collate(bags, np.array([b]))
+    assert batch["ctx_x"].shape[0] == bags.ctx_ptr[b + 1] - bags.ctx_ptr[b]
+    centre = sdata["spots"][bags.bag_ids[b]].obsm["spatial"][0]
+    d = np.linalg.norm(cells.obsm["spatial"] - centre, axis=1)
+    outside = (cells.obs["spot_id"].astype(object) != bags.bag_ids[b]).to_numpy()
+    assert batch["ctx_x"].shape[0] == int(((d <= 50 + 120) & outside).sum())
+    test = light_copy(toy_slides[2])
+    model.predict(test)
+    assert np.isfinite(test["spots"].layers["bitro"]).all()
+    model.save(tmp_path / "ctx")
+    assert BiTroModel.load(tmp_path / "ctx").context_um == 120.0

@@ -34,6 +34,7 @@ def fit(
     seed: int | None = None,
     spots_key: str = K.SPOTS,
     cells_key: str = K.CELLS,
+    context_um: float | None = None,
 ) -> BiTroModel | BaselineModel:
     """Train a model on one or more slides.
 
@@ -64,6 +65,9 @@ def fit(
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     seed
         Random seed.
+    context_um
+        Cells within this distance around each bag join the Transformer as context (not pooled);
+        default off. See :class:`bitro.models.BiTroModel`.
     spots_key, cells_key
         Tables of the spots and of the cells (e.g. ``"cells_truth"`` for pseudo-spots of cell-resolved
         data built with :func:`bitro.tl.pseudo_spots`; bitro model only).
@@ -101,6 +105,7 @@ def fit(
         seed=seed,
         spots_key=spots_key,
         cells_key=cells_key,
+        context_um=context_um,
     )
     return m.train(
         max_epochs=max_epochs,
@@ -195,6 +200,7 @@ def transfer(
         use_rep=model.use_rep,
         cluster_weight=cluster_weight,
         k=model.k,
+        context_um=model.context_um,
         seed=model.seed if seed is None else seed,
         projection=model.projection,
         phenotypes=model.phenotypes,

@@ -50,6 +50,9 @@ class BagSet:
         ``(N,)`` row index of each cell in its slide's cells table.
     targets
         ``(B, G)`` float32 normalised targets, or ``None``.
+    ctx_features, ctx_pos, ctx_ptr
+        Optional context cells around each bag (``context_um``): features ``(M, D)``, positions
+        ``(M, 2)`` and offsets ``(B + 1,)``; the context of bag ``b`` is rows ``ctx_ptr[b]:ctx_ptr[b+1]``.
     """
 
     features: np.ndarray
@@ -63,6 +66,9 @@ class BagSet:
     cell_obs: np.ndarray
     targets: np.ndarray | None = None
     slide_names: list[str] = field(default_factory=list)
+    ctx_features: np.ndarray | None = None
+    ctx_pos: np.ndarray | None = None
+    ctx_ptr: np.ndarray | None = None
 
     @property
     def n_bags(self) -> int:
@@ -85,6 +91,16 @@ class BagSet:
         )
         n_cells = self.n_cells[bags]
         n_edges = np.diff(self.edge_ptr)[bags]
+        ctx = {}
+        if self.ctx_ptr is not None:
+            ctx_idx = np.concatenate(
+                [np.arange(self.ctx_ptr[b], self.ctx_ptr[b + 1]) for b in bags] or [np.zeros(0, int)]
+            )
+            ctx = {
+                "ctx_features": self.ctx_features[ctx_idx],
+                "ctx_pos": self.ctx_pos[ctx_idx],
+                "ctx_ptr": np.concatenate([[0], np.cumsum(np.diff(self.ctx_ptr)[bags])]),
+            }
         return BagSet(
             features=self.features[cell_idx],
             pos=self.pos[cell_idx],
@@ -97,6 +113,7 @@ class BagSet:
             cell_obs=self.cell_obs[cell_idx],
             targets=None if self.targets is None else self.targets[bags],
             slide_names=self.slide_names,
+            **ctx,
         )
 
 
@@ -155,6 +172,7 @@ def build_bags(
     k: int = 8,
     pos_bins: int = 64,
     bag_size_um: float | None = None,
+    context_um: float | None = None,
 ) -> tuple[BagSet, list[pd.Index]]:
     """Group the cells of each slide into bags (one per unit of table ``units_key``).
 
@@ -175,13 +193,31 @@ def build_bags(
     bag_size_um
         Physical width of a bag (spot diameter or patch side) for the relative positions;
         default: the recorded ``spot_diameter_um``.
+    context_um
+        Also collect, for every bag, the cells within this distance outside it (a ring around a spot,
+        a border around a patch) as context tokens; positions are then quantised over the bag plus
+        its ring.
 
     Returns
     -------
     The BagSet (empty units are skipped) and, per slide, the unit names in table order.
     """
     parts: dict[str, list] = {
-        k_: [] for k_ in ("feat", "pos", "pheno", "ncell", "edges", "nedge", "ids", "slide", "obs")
+        k_: []
+        for k_ in (
+            "feat",
+            "pos",
+            "pheno",
+            "ncell",
+            "edges",
+            "nedge",
+            "ids",
+            "slide",
+            "obs",
+            "cfeat",
+            "cpos",
+            "cn",
+        )
     }
     unit_names = []
     slide_names = []
@@ -216,9 +252,25 @@ def build_bags(
                 units.n_obs,
                 units_key,
             )
-        xy = np.asarray(cells.obsm[K.SPATIAL], dtype=np.float64)[order]
+        xy_all = np.asarray(cells.obsm[K.SPATIAL], dtype=np.float64)
+        xy = xy_all[order]
         centres = np.asarray(units.obsm[K.SPATIAL], dtype=np.float64)[bag_of]
-        rel = (xy - centres) / size_px + 0.5
+        window_px = size_px + (2 * float(context_um) / mpp if context_um else 0.0)
+        rel = (xy - centres) / window_px + 0.5
+        if context_um:
+            from scipy.spatial import cKDTree
+
+            unit_xy = np.asarray(units.obsm[K.SPATIAL], dtype=np.float64)[nonempty]
+            hits = cKDTree(xy_all).query_ball_point(unit_xy, r=size_px / 2 + float(context_um) / mpp)
+            feat_s = np.asarray(features[s], dtype=np.float32)
+            for u, cand in zip(nonempty, hits):
+                cand = np.asarray(cand, dtype=np.int64)
+                cand = cand[codes[cand] != u]
+                parts["cfeat"].append(feat_s[cand])
+                parts["cpos"].append(
+                    quantise_positions((xy_all[cand] - units.obsm[K.SPATIAL][u]) / window_px + 0.5, pos_bins)
+                )
+                parts["cn"].append(len(cand))
         src, dst = knn_within_groups(xy, bag_of, k=k)
         # local indices within each bag
         start = np.concatenate([[0], np.cumsum(counts)])[:-1]
@@ -249,6 +301,11 @@ def build_bags(
         cell_obs=np.concatenate(parts["obs"]).astype(np.int64),
         slide_names=slide_names,
     )
+    if context_um:
+        d = parts["feat"][0].shape[1]
+        bags.ctx_features = np.concatenate(parts["cfeat"]) if parts["cfeat"] else np.zeros((0, d), np.float32)
+        bags.ctx_pos = np.concatenate(parts["cpos"]) if parts["cpos"] else np.zeros((0, 2), np.int64)
+        bags.ctx_ptr = np.concatenate([[0], np.cumsum(parts["cn"])]).astype(np.int64)
     if bags.n_bags == 0:
         msg = f"No {units_key} contain any cell: check that cells and {units_key} share coordinates (run bt.pp.assign_cells)."
         raise ValueError(msg)
@@ -281,7 +338,19 @@ def collate(bags: BagSet, index: np.ndarray, *, device: Any = "cpu") -> dict[str
     }
     if bags.targets is not None:
         out["y"] = torch.from_numpy(bags.targets[index]).to(device)
+    if bags.ctx_ptr is not None:
+        cs, ce = bags.ctx_ptr[index], bags.ctx_ptr[index + 1]
+        ctx = np.concatenate([np.arange(a, b) for a, b in zip(cs, ce)]) if len(index) else np.zeros(0, int)
+        out["ctx_x"] = torch.from_numpy(bags.ctx_features[ctx]).to(device)
+        out["ctx_pos"] = torch.from_numpy(bags.ctx_pos[ctx]).to(device)
+        out["ctx_batch"] = torch.from_numpy(np.repeat(np.arange(len(index)), ce - cs)).to(device)
     return out
+
+
+def net_inputs(batch: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Positional and keyword arguments of :class:`bitro.models.BiTroNet` from a collated batch."""
+    kwargs = {k: batch[k] for k in ("ctx_x", "ctx_batch", "ctx_pos") if k in batch}
+    return (batch["x"], batch["batch"], batch["edge_index"], batch["pos"]), kwargs
 
 
 def batches(

@@ -21,7 +21,7 @@ from bitro import _keys as K
 from bitro._logging import logger
 from bitro._settings import progress, resolve_device, resolve_seed
 from bitro.io._build import get_table
-from bitro.tl._data import BagSet, batches, build_bags, cells_of, collate
+from bitro.tl._data import BagSet, batches, build_bags, cells_of, collate, net_inputs
 from bitro.tl._targets import TargetTransform, dense
 from bitro.tl._write import write_units_layer
 
@@ -119,6 +119,9 @@ class BiTroModel:
         λ of the cluster loss; default 0 at spot level, 0.1 at bulk level.
     k
         Neighbours per cell in the within-bag graph.
+    context_um
+        Let the Transformer also see the cells within this distance around each bag (a ring around a
+        spot) as extra keys/values; they are not pooled by the gene head. Default off.
     seed
         Random seed (PCA, k-means, initialisation, splits, batches).
     projection, phenotypes
@@ -142,6 +145,7 @@ class BiTroModel:
         n_phenotypes: int = 8,
         cluster_weight: float | None = None,
         k: int = 8,
+        context_um: float | None = None,
         spots_key: str = K.SPOTS,
         cells_key: str = K.CELLS,
         patches_key: str = K.PATCHES,
@@ -158,6 +162,10 @@ class BiTroModel:
         self.level = level
         self.use_rep = use_rep
         self.k = int(k)
+        self.context_um = None if context_um in (None, 0) else float(context_um)
+        if self.context_um is not None and self.context_um < 0:
+            msg = f"context_um must be ≥ 0, got {context_um!r}."
+            raise ValueError(msg)
         self.keys = {"spots": spots_key, "cells": cells_key, "patches": patches_key, "bulk": bulk_key}
         self.seed = resolve_seed(seed)
         self.cluster_weight = (
@@ -259,6 +267,7 @@ class BiTroModel:
             cells_key=self.keys["cells"],
             k=self.k,
             pos_bins=self.config.pos_bins,
+            context_um=self.context_um,
         )
 
     def _setup_targets(self, sdatas: list[sd.SpatialData], *, target: str) -> None:
@@ -337,7 +346,9 @@ class BiTroModel:
 
         from bitro.models import cluster_loss, pseudo_cell_expression
 
-        out = net(batch["x"], batch["batch"], batch["edge_index"], batch["pos"])
+        args, kwargs = net_inputs(batch)
+
+        out = net(*args, **kwargs)
         loss = torch.nn.functional.mse_loss(out["y"], batch["y"])
         if cluster_weight > 0:
             counts = self._to_counts_t(out["y"])
@@ -359,7 +370,8 @@ class BiTroModel:
 
         idx = np.flatnonzero(bags.bag_slide == slide)
         batch = collate(bags, idx, device=device)
-        out = net(batch["x"], batch["batch"], batch["edge_index"], batch["pos"])
+        args, kwargs = net_inputs(batch)
+        out = net(*args, **kwargs)
         counts = self._to_counts_t(out["y"])
         tpm = aggregate_bulk(counts, torch.zeros(len(idx), dtype=torch.long, device=device), 1)
         target = torch.as_tensor(self.bulk_targets[slide : slide + 1], device=device)
@@ -612,7 +624,8 @@ class BiTroModel:
                 batches(bags.n_bags, batch_size, shuffle=False), desc="predicting", unit="batch"
             ):
                 batch = collate(bags, b, device=dev)
-                out = net(batch["x"], batch["batch"], batch["edge_index"], batch["pos"])
+                args, kwargs = net_inputs(batch)
+                out = net(*args, **kwargs)
                 zs.append(out["y"].cpu().numpy())
                 attn[batch["cells"]] = out["attn"].cpu().numpy()
         self.net = net.cpu()
@@ -781,6 +794,7 @@ class BiTroModel:
             "net_config": self.config.to_dict(),
             "use_rep": self.use_rep,
             "k": self.k,
+            "context_um": self.context_um,
             "keys": self.keys,
             "seed": self.seed,
             "cluster_weight": self.cluster_weight,
@@ -839,6 +853,7 @@ class BiTroModel:
             _setup=False,
         )
         self.keys = config["keys"]
+        self.context_um = config.get("context_um")
         self.cluster_weight = config["cluster_weight"]
         self.genes = list(config["genes"])
         self.encoder_info = config.get("encoder", {})

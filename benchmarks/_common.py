@@ -1,0 +1,355 @@
+"""Shared helpers of the benchmark harness: provenance, timing and memory, result files, section cache.
+
+Nothing here asserts a speed; it only measures and records. Results are JSON files in
+``benchmarks/results/`` (one per benchmark), each carrying the machine, versions, git commit and
+wall time of the run; :mod:`benchmarks.report` turns them into ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+CACHE_DIR = ROOT / "benchmarks" / "cache"
+DATA_DIR = Path(os.environ.get("BITRO_DATA_DIR", ROOT.parent / "shared" / "data"))
+SECTIONS = ("C2", "C3", "C4", "C5", "C6")
+SEED = 0
+
+# preprocessing of the real sections (recorded with every result that uses them)
+PREPROCESS = {
+    "stain_method": "macenko",
+    "tissue": "otsu (bt.pp.detect_tissue defaults)",
+    "segmentation": "watershed (bt.pp.segment_cells defaults, on the normalised image)",
+    "tile_size": 1024,
+    "crop_um": 33.0,
+}
+
+
+# --------------------------------------------------------------------------- provenance
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, RAM and the load average at call time."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gb = None
+    try:
+        ram_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": ram_gb,
+        "platform": platform.platform(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the main libraries."""
+    out = {"python": platform.python_version()}
+    for name in ("bitro", "numpy", "torch", "spatialdata", "anndata", "sklearn", "torch_geometric"):
+        try:
+            mod = __import__(name)
+            out[name] = str(getattr(mod, "__version__", "?"))
+        except ImportError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit() -> dict[str, Any]:
+    """Current commit and whether the work tree has uncommitted changes (read-only git calls)."""
+
+    def _git(*args: str) -> str:
+        res = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return res.stdout.strip()
+
+    return {"commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(_git("status", "--porcelain"))}
+
+
+# --------------------------------------------------------------------------- time and memory
+def _rss_mb() -> float:
+    """Current resident set size of this process in MB (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def max_rss_mb() -> float:
+    """Peak RSS of this process so far in MB (``getrusage``; kB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Steps:
+    """Per-step wall time and peak RSS; a sampling thread tracks RSS while a step runs.
+
+    ``with steps("segment"): ...`` records ``{"seconds", "peak_rss_mb", "start_rss_mb"}`` under
+    ``steps.records["segment"]``. The sampler polls ``/proc/self/statm`` every ``interval`` seconds,
+    so very short spikes can be missed; the process-wide ``ru_maxrss`` is recorded as well.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.records: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[dict[str, float]]:
+        rec: dict[str, float] = {"start_rss_mb": round(_rss_mb(), 1)}
+        peak = [rec["start_rss_mb"]]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(self.interval):
+                peak[0] = max(peak[0], _rss_mb())
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        t0 = time.perf_counter()
+        try:
+            yield rec
+        finally:
+            rec["seconds"] = round(time.perf_counter() - t0, 2)
+            stop.set()
+            thread.join()
+            rec["peak_rss_mb"] = round(max(peak[0], _rss_mb()), 1)
+            self.records[name] = rec
+
+    def total_seconds(self) -> float:
+        return round(sum(r["seconds"] for r in self.records.values()), 2)
+
+
+def run_worker(module: str, *args: str, timeout: float | None = None) -> dict[str, Any]:
+    """Run ``python -m <module> <args>`` in a fresh process; it prints one JSON object as its last line.
+
+    Used where a clean peak RSS is needed (each worker reports its own ``ru_maxrss``).
+    """
+    cmd = [sys.executable, "-m", module, *args]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    if res.returncode != 0:
+        return {"error": f"exit {res.returncode}", "stderr_tail": res.stderr[-2000:]}
+    last = [ln for ln in res.stdout.splitlines() if ln.strip()][-1]
+    return json.loads(last)
+
+
+# --------------------------------------------------------------------------- results
+def metadata(*, quick: bool, seconds: float, seeds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance block stored with every result."""
+    import torch
+
+    return {
+        "quick": quick,
+        "wall_seconds": round(seconds, 1),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "versions": versions(),
+        "git": git_commit(),
+        "torch_threads": torch.get_num_threads(),
+        "seeds": seeds or {"seed": SEED},
+        "peak_rss_mb_process": round(max_rss_mb(), 1),
+    }
+
+
+def write_result(name: str, result: dict[str, Any], *, results_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``<results_dir>/<name>.json`` atomically (``.tmp`` then rename)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    msg = f"Cannot serialise {type(obj).__name__} to JSON; convert it in the benchmark."
+    raise TypeError(msg)
+
+
+def md_table(header: list[str], rows: list[list[Any]], digits: int = 3) -> str:
+    """A GitHub Markdown table; floats rounded to ``digits``, ``None`` shown as ``–``."""
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return "nan" if v != v else f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- section cache
+def cache_key(section: str, encoders: tuple[str, ...], mode: str, window: int | None) -> str:
+    """Cache folder name: section + encoders + mode + a hash of the preprocessing parameters."""
+    params = json.dumps({**PREPROCESS, "encoders": encoders, "mode": mode, "window": window}, sort_keys=True)
+    digest = hashlib.sha1(params.encode()).hexdigest()[:8]
+    win = f"_w{window}" if window else ""
+    return f"{section}_{'+'.join(encoders)}_{mode}{win}_{digest}"
+
+
+def crop_window(sdata: Any, half: int) -> Any:
+    """A window of ``2 * half`` px around the spot nearest the tissue centre, in its own pixel frame."""
+    import numpy as np
+    import spatialdata as sd
+
+    from bitro.io._build import circles_element, image_element, set_scale, table_element
+
+    xy = sdata["spots"].obsm["spatial"]
+    centre = xy[np.argmin(np.linalg.norm(xy - np.median(xy, axis=0), axis=1))]
+    x0, y0 = (int(v) for v in np.floor(centre - half))
+    img = sdata.images["he"]
+    arr = img.data if hasattr(img, "data") else img["scale0"]["image"].data
+    arr = arr[:, max(y0, 0) : y0 + 2 * half, max(x0, 0) : x0 + 2 * half].compute()
+    x0, y0 = max(x0, 0), max(y0, 0)
+    spots = sdata["spots"].copy()
+    local = spots.obsm["spatial"] - [x0, y0]
+    keep = (local >= 0).all(axis=1) & (local < [arr.shape[2], arr.shape[1]]).all(axis=1)
+    spots = spots[keep].copy()
+    spots.obsm["spatial"] = local[keep]
+    spots.uns.pop("spatialdata_attrs", None)
+    radius = sdata.shapes["spots_shapes"]["radius"].iloc[0]
+    out = sd.SpatialData(
+        images={"he": image_element(arr, chunks=512)},
+        shapes={"spots_shapes": circles_element(spots.obsm["spatial"], radius, spots.obs_names)},
+        tables={"spots": table_element(spots, region="spots_shapes")},
+    )
+    set_scale(out, **sdata.attrs["bitro_scale"])
+    return out
+
+
+def preprocess_section(
+    section: str,
+    *,
+    encoders: tuple[str, ...] = ("efficientnet_lite0",),
+    mode: str = "tile",
+    window: int | None = None,
+    steps: Steps | None = None,
+    graph: bool = False,
+) -> Any:
+    """Load a HER2ST section and run stain norm → tissue → segmentation → embedding(s) → assign (→ graph).
+
+    The first encoder writes ``obsm["X_bitro"]``; others write ``obsm["X_<encoder>"]``. ``window``
+    (half-size in px) crops a central window first (for the slow crop mode).
+    """
+    import bitro as bt
+
+    steps = steps or Steps()
+    with steps("load"):
+        sdata = bt.datasets.her2st(section, data_dir=DATA_DIR)
+        if window:
+            sdata = crop_window(sdata, window)
+    with steps("stain_norm"):
+        bt.pp.normalize_stains(sdata, method=PREPROCESS["stain_method"], seed=SEED)
+    with steps("tissue"):
+        bt.pp.detect_tissue(sdata, image_key="he_normalized")
+    with steps("segmentation"):
+        bt.pp.segment_cells(sdata, image_key="he_normalized", tile_size=PREPROCESS["tile_size"], seed=SEED)
+    for i, enc in enumerate(encoders):
+        with steps(f"embed_{enc}_{mode}"):
+            bt.pp.embed_cells(
+                sdata,
+                image_key="he_normalized",
+                encoder=enc,
+                mode=mode if enc != "morphology" else "tile",
+                tile_size=PREPROCESS["tile_size"],
+                crop_um=PREPROCESS["crop_um"],
+                device="cpu",
+                key_added="X_bitro" if i == 0 else f"X_{enc}",
+                seed=SEED,
+            )
+    with steps("assign_cells"):
+        bt.pp.assign_cells(sdata)
+    if graph:
+        with steps("cell_graph"):
+            bt.pp.cell_graph(sdata)
+    return sdata
+
+
+def save_tables(sdata: Any, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """Store the spots and cells tables (AnnData zarr) and the scale attrs under ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for key in ("spots", "cells"):
+        adata = sdata.tables[key].copy()
+        adata.obsp.clear() if hasattr(adata.obsp, "clear") else None
+        adata.write_zarr(tmp / f"{key}.zarr")
+    (tmp / "attrs.json").write_text(
+        json.dumps({"attrs": dict(sdata.attrs), "extra": extra or {}}, default=_json_default)
+    )
+    tmp.rename(path)
+
+
+def load_tables(path: Path) -> Any:
+    """A tables-only SpatialData (spots, cells and scale) from :func:`save_tables`."""
+    import anndata as ad
+    import spatialdata as sd
+
+    tables = {key: ad.read_zarr(path / f"{key}.zarr") for key in ("spots", "cells")}
+    out = sd.SpatialData(tables=tables)
+    out.attrs.update(json.loads((path / "attrs.json").read_text())["attrs"])
+    return out
+
+
+def cached_section(
+    section: str, *, encoders: tuple[str, ...] = ("efficientnet_lite0",), mode: str = "tile", window: int | None = None
+) -> Any:
+    """Preprocessed tables of a section, from ``benchmarks/cache/`` or computed and cached."""
+    from bitro._logging import logger
+
+    path = CACHE_DIR / cache_key(section, encoders, mode, window)
+    if not path.exists():
+        logger.info("benchmarks: preprocessing %s (%s, %s) into %s", section, encoders, mode, path)
+        steps = Steps()
+        sdata = preprocess_section(section, encoders=encoders, mode=mode, window=window, steps=steps)
+        save_tables(sdata, path, extra={"steps": steps.records, "preprocess": PREPROCESS})
+    return load_tables(path)
+
+
+def cache_info(section: str, **kwargs: Any) -> dict[str, Any]:
+    """The ``extra`` block (timings of the preprocessing) stored with a cached section."""
+    keys = {"encoders": ("efficientnet_lite0",), "mode": "tile", "window": None, **kwargs}
+    path = CACHE_DIR / cache_key(section, keys["encoders"], keys["mode"], keys["window"]) / "attrs.json"
+    return json.loads(path.read_text())["extra"] if path.exists() else {}
+
+
+if __name__ == "__main__":  # build the cache: python -m benchmarks._common C2 C3 ...
+    import bitro as bt
+
+    bt.settings.progress = False
+    for sec in sys.argv[1:] or SECTIONS:
+        t = time.perf_counter()
+        cached_section(sec, encoders=("efficientnet_lite0", "morphology"))
+        print(sec, round(time.perf_counter() - t, 1), flush=True)

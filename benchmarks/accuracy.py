@@ -1,0 +1,311 @@
+"""Leave-one-section-out accuracy on HER2ST patient C (C2–C6), with baselines and ablations (issues 4, 6).
+
+Protocol: each of C2–C6 is held out in turn; the model is trained on the other four (early-stopping
+validation spots are drawn from the training sections only) and predicts the held-out section's
+spots. Genes: the 785-gene HER2ST list (``bt.datasets.her2st_genes()``, those present in every
+section). Cells: watershed nuclei of the Macenko-normalised image, embedded with EfficientNet-Lite0
+in tile mode (``obsm["X_bitro"]``, 1,280-d) or with the ``morphology`` encoder, from the benchmark cache.
+Every prediction is scored by ``bt.tl.evaluate(normalize="both")``: PCC_gene (all genes and the 50
+most variable genes of the test section), PCC_overall, on raw-count log1p and on library-size
+normalised log1p. ``target`` is the scale the model was trained on.
+
+Main table: all folds. Ablations (costly): a subset of folds (``ABLATION_FOLDS``), stated in the page.
+``--quick``: central windows of every section, one fold, few epochs, bitro + ridge + depth.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from bitro._logging import logger
+
+from benchmarks._common import SECTIONS, SEED, cached_section, md_table, metadata
+
+ENCODERS = ("efficientnet_lite0", "morphology")
+QUICK_WINDOW = 800
+ABLATION_FOLDS = (0, 2)  # C2, C4 held out
+BITRO_KW: dict[str, Any] = {
+    "max_epochs": 30,
+    "lr": 1e-3,
+    "batch_size": 32,
+    "patience": 6,
+    "n_components": 128,
+    "validation_fraction": 0.1,
+}
+QUICK_BITRO_KW: dict[str, Any] = {**BITRO_KW, "max_epochs": 3, "n_components": 32}
+METRICS = ("pcc_gene", "pcc_gene_top50_var", "pcc_overall")
+
+
+def runs(quick: bool) -> list[dict[str, Any]]:
+    """The model configurations; ``group`` is ``"main"`` (all folds) or ``"ablation"`` (subset)."""
+    if quick:
+        return [
+            {"name": "bitro", "model": "bitro", "target": "raw", "group": "main"},
+            {"name": "bitro", "model": "bitro", "target": "library_size", "group": "main"},
+            {"name": "ridge", "model": "ridge", "target": "raw", "group": "main"},
+            {"name": "ridge", "model": "ridge", "target": "library_size", "group": "main"},
+            {"name": "depth", "model": "depth", "target": "raw", "group": "main"},
+            {"name": "bitro no GAT", "model": "bitro", "target": "library_size", "group": "ablation",
+             "config": {"use_gat": False}},
+        ]  # fmt: skip
+    lib = "library_size"
+    out = [
+        {"name": "bitro", "model": "bitro", "target": "raw", "group": "main"},
+        {"name": "bitro", "model": "bitro", "target": lib, "group": "main"},
+        {"name": "ridge", "model": "ridge", "target": "raw", "group": "main"},
+        {"name": "ridge", "model": "ridge", "target": lib, "group": "main"},
+        {"name": "mlp", "model": "mlp", "target": "raw", "group": "main"},
+        {"name": "mlp", "model": "mlp", "target": lib, "group": "main"},
+        {"name": "depth", "model": "depth", "target": "raw", "group": "main"},
+        {"name": "cell_count", "model": "cell_count", "target": "raw", "group": "main"},
+        {"name": "mean", "model": "mean", "target": "raw", "group": "main"},
+    ]
+    ab = [
+        ("bitro no GAT", {"config": {"use_gat": False}}),
+        ("bitro no Transformer", {"config": {"use_transformer": False}}),
+        ("bitro mean pooling", {"config": {"pooling": "mean"}}),
+        ("bitro + cluster loss 0.1", {"cluster_weight": 0.1}),
+        ("bitro + bag size input", {"config": {"use_cell_count": True}}),
+        ("bitro morphology encoder", {"use_rep": "X_morphology"}),
+        ("ridge morphology encoder", {"model": "ridge", "use_rep": "X_morphology"}),
+        ("bitro pseudo-bulk → spot (LoRA)", {"transfer": True}),
+    ]
+    out += [{"name": n, "model": "bitro", "target": lib, "group": "ablation", **kw} for n, kw in ab]
+    return out
+
+
+def _with_pseudo_bulk(sdata: Any) -> Any:
+    """Add a one-row ``bulk`` table (summed spot counts; TPM in X) and spot-sized patches."""
+    import anndata as ad
+    import pandas as pd
+    from spatialdata.models import TableModel
+
+    import bitro as bt
+
+    if "bulk" not in sdata.tables:
+        counts = np.asarray(sdata["spots"].layers["counts"].sum(axis=0)).reshape(1, -1)
+        bulk = ad.AnnData(
+            X=(counts / counts.sum() * 1e6).astype(np.float32),
+            obs=pd.DataFrame(index=[str(sdata.attrs["bitro_scale"]["sample_id"])]),
+            var=pd.DataFrame(index=sdata["spots"].var_names),
+        )
+        bulk.layers["counts"] = counts.astype(np.float32)
+        sdata.tables["bulk"] = TableModel.parse(bulk)
+    if "patches" not in sdata.tables:
+        bt.pp.make_patches(sdata, tissue_key=None)
+    return sdata
+
+
+def load_sections(quick: bool) -> dict[str, Any]:
+    """Cached, preprocessed sections (tables only)."""
+    window = QUICK_WINDOW if quick else None
+    return {s: cached_section(s, encoders=ENCODERS, window=window) for s in SECTIONS}
+
+
+def _fit(run: dict[str, Any], train: list, genes: list[str], kw: dict[str, Any]):
+    import bitro as bt
+
+    use_rep = run.get("use_rep", "X_bitro")
+    if run["model"] != "bitro":
+        return bt.tl.fit(train, genes=genes, model=run["model"], target=run["target"], use_rep=use_rep, seed=SEED)
+    fit_kw = {**kw, "config": run.get("config"), "cluster_weight": run.get("cluster_weight")}
+    if run.get("transfer"):
+        bulk_train = [_with_pseudo_bulk(s) for s in train]
+        base = bt.tl.fit(
+            bulk_train, level="bulk", genes=genes, target=run["target"], use_rep=use_rep, seed=SEED, device="cpu",
+            **{k: v for k, v in fit_kw.items() if k != "cluster_weight"},
+        )  # fmt: skip
+        return bt.tl.transfer(
+            base, train, level="spot", method="lora", max_epochs=kw["max_epochs"], lr=kw["lr"], seed=SEED, device="cpu"
+        )
+    return bt.tl.fit(train, genes=genes, target=run["target"], use_rep=use_rep, seed=SEED, device="cpu", **fit_kw)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Run all configurations over the folds; return tidy rows, speed records and the Markdown section."""
+    import bitro as bt
+    from bitro.tl._cv import light_copy
+
+    bt.settings.progress = False
+    t0 = time.perf_counter()
+    sections = load_sections(quick)
+    names = list(sections)
+    genes = [g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())]
+    kw = QUICK_BITRO_KW if quick else BITRO_KW
+    folds_main = [0] if quick else list(range(len(names)))
+    folds_ab = [0] if quick else list(ABLATION_FOLDS)
+    rows, speed = [], []
+    for f, test_name in enumerate(names):
+        train = [sections[n] for n in names if n != test_name]
+        for cfg in runs(quick):
+            if f not in (folds_main if cfg["group"] == "main" else folds_ab):
+                continue
+            t_fit = time.perf_counter()
+            model = _fit(cfg, train, genes, kw)
+            fit_s = time.perf_counter() - t_fit
+            test = light_copy(sections[test_name])
+            t_pred = time.perf_counter()
+            model.predict(test, key_added="cv")
+            pred_s = time.perf_counter() - t_pred
+            res = bt.tl.evaluate(test, table_key="spots", layer="cv", normalize="both", inplace=False)
+            res = res[res["metric"].isin(METRICS)]
+            for r in res.itertuples():
+                rows.append(
+                    {"fold": f, "test": test_name, "run": cfg["name"], "target": cfg["target"],
+                     "group": cfg["group"], "metric": r.metric, "scale": r.scale, "value": float(r.value)}
+                )  # fmt: skip
+            hist = getattr(model, "history", None) or {}
+            n_train = int(sum(s["spots"].n_obs for s in train))
+            epochs = len(hist.get("epoch", [])) or None
+            speed.append(
+                {"fold": f, "test": test_name, "run": cfg["name"], "target": cfg["target"],
+                 "fit_seconds": round(fit_s, 2), "predict_seconds": round(pred_s, 3),
+                 "n_train_spots": n_train, "n_test_spots": int(test["spots"].n_obs), "epochs": epochs,
+                 "train_spots_per_s": round(n_train * epochs / fit_s, 1) if epochs else None}
+            )  # fmt: skip
+            logger.info("accuracy: fold %d %s %s (%s): fit %.0f s", f, test_name, cfg["name"], cfg["target"], fit_s)
+    out = {
+        "name": "accuracy",
+        "meta": metadata(quick=quick, seconds=time.perf_counter() - t0, seeds={"seed": SEED}),
+        "protocol": {
+            "sections": names,
+            "folds_main": [names[i] for i in folds_main],
+            "folds_ablation": [names[i] for i in folds_ab],
+            "n_genes": len(genes),
+            "bitro_fit_kwargs": kw,
+            "bitro_config": "BiTroConfig defaults (hidden 128, 2 GAT layers × 4 heads, 2 Transformer layers, "
+            "gene-query pooling, per-gene readout, linear output)",
+            "encoders": list(ENCODERS),
+            "window_half_px": QUICK_WINDOW if quick else None,
+            "cells": {n: int(s["cells"].n_obs) for n, s in sections.items()},
+            "spots": {n: int(s["spots"].n_obs) for n, s in sections.items()},
+        },
+        "rows": rows,
+        "speed": speed,
+    }
+    out["markdown"] = markdown(out)
+    return out
+
+
+def _summary(rows: list[dict[str, Any]], group: str, folds: list[str] | None = None):
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df = df[df["group"].isin([group] if group == "main" else ["main", "ablation"])]
+    if folds is not None:
+        df = df[df["test"].isin(folds)]
+    g = df.groupby(["run", "target", "metric", "scale"], sort=False)["value"]
+    return g.agg(["mean", "std", "count"]).reset_index()
+
+
+def _table(summary, order: list[tuple[str, str]]) -> str:
+    cols = [(m, s) for s in ("library_size", "raw") for m in METRICS]
+    header = ["model", "trained on"] + [f"{m} ({'norm' if s == 'library_size' else 'raw'})" for m, s in cols]
+    body = []
+    for run_name, target in order:
+        sub = summary[(summary["run"] == run_name) & (summary["target"] == target)]
+        if sub.empty:
+            continue
+        row: list[Any] = [run_name, "norm" if target == "library_size" else "raw"]
+        for m, s in cols:
+            hit = sub[(sub["metric"] == m) & (sub["scale"] == s)]
+            if hit.empty:
+                row.append(None)
+            else:
+                mean, sd = float(hit["mean"].iloc[0]), hit["std"].iloc[0]
+                row.append(f"{mean:.3f}" + (f" ± {float(sd):.3f}" if sd == sd and hit["count"].iloc[0] > 1 else ""))
+        body.append(row)
+    return md_table(header, body)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """Main table, ablation table, speed table and an honest reading of them."""
+    import pandas as pd
+
+    p, rows = res["protocol"], res["rows"]
+    if not rows:
+        return "## Accuracy (HER2ST)\n\nNo results.\n"
+    df = pd.DataFrame(rows)
+    main_order = list(dict.fromkeys(zip(df[df.group == "main"]["run"], df[df.group == "main"]["target"], strict=True)))
+    ab_order = [("bitro", "library_size")] + list(
+        dict.fromkeys(zip(df[df.group == "ablation"]["run"], df[df.group == "ablation"]["target"], strict=True))
+    )
+    kw = p["bitro_fit_kwargs"]
+    where = "whole sections" if not p["window_half_px"] else f"central {2 * p['window_half_px']} px windows (quick)"
+    lines = [
+        "## Spot-level accuracy on HER2ST patient C (leave one section out)",
+        "",
+        f"**Protocol.** Leave-one-section-out over {', '.join(p['sections'])} ({where}); held-out folds: "
+        f"{', '.join(p['folds_main'])}. {p['n_genes']} genes (HER2ST 785-gene list). Cells: watershed nuclei, "
+        "EfficientNet-Lite0 tile features (cached). bitro: "
+        f"{p['bitro_config']}; max {kw['max_epochs']} epochs, lr {kw['lr']}, batch {kw['batch_size']}, early-stopping "
+        f"patience {kw['patience']} on {kw['validation_fraction']:.0%} of the training spots, PCA to "
+        f"{kw['n_components']}. Ridge/MLP: mean-pooled cell features per spot. depth: the spot's log total count "
+        "predicted from its features, spread over genes by training fractions. cell_count: log(1 + cells in the "
+        "spot). mean: training mean. Values are mean ± sd over held-out sections; *norm* = library-size "
+        "normalised log1p, *raw* = raw-count log1p; top50 = the 50 most variable genes of the test section.",
+        "",
+        _table(_summary(rows, "main"), main_order),
+        "",
+    ]
+    if len(ab_order) > 1:
+        lines += [
+            "### Ablations",
+            "",
+            f"**Protocol.** Same as above but only held-out folds {', '.join(p['folds_ablation'])} (CPU time); every "
+            "variant is trained on the normalised target and compared with the full model on the same folds "
+            "(first row). 'pseudo-bulk → spot' trains a bulk-level model on the pseudo-bulk of the four training "
+            "sections, then adapts it to spots with LoRA (rank 8).",
+            "",
+            _table(_summary(rows, "ablation", p["folds_ablation"]), ab_order),
+            "",
+        ]
+    sp = pd.DataFrame(res["speed"])
+    sp = sp.groupby(["run", "target"], sort=False).agg(
+        fit_s=("fit_seconds", "mean"), epochs=("epochs", "mean"), spots_per_s=("train_spots_per_s", "mean"),
+        predict_s=("predict_seconds", "mean"), test_spots=("n_test_spots", "mean"),
+    ).reset_index()  # fmt: skip
+    lines += [
+        "### Training and prediction speed (from the same runs)",
+        "",
+        "Mean over folds; spots/s = training spots × epochs run / fit time (includes validation and setup); "
+        "prediction time is for one held-out section (spots and pseudo-cells).",
+        "",
+        md_table(
+            ["model", "trained on", "fit (s)", "epochs", "train spots/s", "predict (s / section)", "test spots"],
+            [
+                [r.run, "norm" if r.target == "library_size" else "raw", r.fit_s,
+                 None if r.epochs != r.epochs else r.epochs, None if r.spots_per_s != r.spots_per_s else r.spots_per_s,
+                 r.predict_s, r.test_spots]
+                for r in sp.itertuples()
+            ],  # fmt: skip
+            digits=1,
+        ),
+        "",
+        _reading(_summary(rows, "main")),
+    ]
+    return "\n".join(lines)
+
+
+def _reading(summary) -> str:
+    """One honest sentence per scale: who wins PCC_gene."""
+    out = []
+    for scale, label in (("library_size", "normalised"), ("raw", "raw-count")):
+        sub = summary[(summary["metric"] == "pcc_gene") & (summary["scale"] == scale)]
+        if sub.empty:
+            continue
+        best = sub.sort_values("mean", ascending=False).iloc[0]
+        bitro = sub[sub["run"] == "bitro"]["mean"].max()
+        msg = (
+            f"On the {label} scale the best PCC_gene is {best['mean']:.3f} ({best['run']}, trained on "
+            f"{'norm' if best['target'] == 'library_size' else 'raw'})"
+        )
+        if best["run"] != "bitro" and bitro == bitro:
+            msg += f"; bitro's best is {bitro:.3f}, so **bitro loses here**."
+        else:
+            msg += "; bitro wins here."
+        out.append(f"- {msg}")
+    return "**Reading.**\n\n" + "\n".join(out) + "\n"
