@@ -30,7 +30,9 @@ def _kernel_dir(base: Path) -> Path:
     spec = base / "kernels" / KERNEL
     spec.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"})
+    )
     return base
 
 
@@ -51,7 +53,11 @@ def execute(path: Path, workdir: Path, *, jupyter_dir: Path):
         resources={"metadata": {"path": str(workdir)}},
     )
     client.execute()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
     return nb
 
 

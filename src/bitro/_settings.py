@@ -113,7 +113,11 @@ def resolve_device(device: str | None = None):
 
 def progress(iterable=None, **kwargs):
     """Wrap ``iterable`` in a tqdm bar, honouring ``bt.settings.progress``."""
-    from tqdm.auto import tqdm
+    try:  # notebook bars need ipywidgets; without it tqdm.auto warns, so fall back to the text bar
+        import ipywidgets  # noqa: F401
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm.std import tqdm
 
     kwargs.setdefault("disable", not settings.progress)
     return tqdm(iterable, **kwargs)

@@ -225,3 +225,21 @@ def test_context_ring(tmp_path, toy_slides):
     assert np.isfinite(test["spots"].layers["bitro"]).all()
     model.save(tmp_path / "ctx")
     assert BiTroModel.load(tmp_path / "ctx").context_um == 120.0
+
+
+def test_predicted_cells_cluster_with_scanpy(toy_slides):
+    import scanpy as sc
+
+    model = _fit(toy_slides[:2], max_epochs=3)
+    test = toy_slides[2]
+    bt.tl.predict(model, test)
+    cells = test["cells"]
+    inside = cells.obs["bitro_in_bag"].to_numpy()
+    assert (
+        np.isnan(cells.obsm["X_bitro_expr"][~inside]).all()
+        and np.isfinite(cells.obsm["X_bitro_expr"][inside]).all()
+    )
+    sub = cells[inside].copy()
+    sc.pp.neighbors(sub, use_rep="X_bitro_expr", n_neighbors=10)
+    sc.tl.leiden(sub, flavor="igraph", n_iterations=2, random_state=0)
+    assert sub.obs["leiden"].nunique() >= 2

@@ -650,8 +650,10 @@ class BiTroModel:
         - ``cells``: pseudo single-cell expression (paper Eq. 10, in count space so a unit's cells sum
           to its prediction) as ``layers[key_added]`` = log1p(pseudo-counts) and
           ``obsm[f"X_{key_added}_expr"]`` = log1p of per-cell library-size-normalised pseudo-counts
-          (for ``sc.pp.neighbors(use_rep=...)``). A cells table without genes gets the model genes
-          as ``var``.
+          (for ``sc.pp.neighbors(use_rep=...)``). Cells outside every bag have no prediction: their
+          rows are NaN and ``obs[f"{key_added}_in_bag"]`` is False — cluster
+          ``cells[cells.obs["bitro_in_bag"]]``. A cells table without genes gets the model genes as
+          ``var``.
         - at bulk level also ``bulk.layers[key_added]`` = log1p(TPM) of the summed patch predictions.
         - provenance in ``.uns[key_added]`` of each written table.
 
@@ -718,7 +720,7 @@ class BiTroModel:
         if obsm_key in cells.obsm and not overwrite:
             msg = f"cells.obsm[{obsm_key!r}] already exists; pass overwrite=True or another key_added."
             raise ValueError(msg)
-        cells.obsm[obsm_key] = np.nan_to_num(normed.astype(np.float32), nan=0.0)
+        cells.obsm[obsm_key] = normed.astype(np.float32)  # NaN for cells outside every bag
         cells.obs[f"{key_added}_in_bag"] = np.isin(np.arange(n_all), bags.cell_obs)
         cells.uns[key_added] = {**provenance, "genes": list(self.genes), "obsm_key": obsm_key}
         out = {"units": layer, "cells": cell_layer}

@@ -1,0 +1,159 @@
+"""The benchmark harness builds its results page from result dicts (no benchmark is run here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import benchmarks.__main__ as main  # noqa: E402
+from benchmarks import _common as common  # noqa: E402
+from benchmarks import accuracy  # noqa: E402
+
+META = {
+    "quick": False,
+    "wall_seconds": 12.0,
+    "date_utc": "2025-01-01T00:00:00Z",
+    "machine": {"cpu": "Fake CPU", "cores": 2, "ram_gb": 8.0, "platform": "linux", "load_average": [1, 1, 1]},
+    "versions": {"python": "3.11", "numpy": "2"},
+    "git": {"commit": "0123456789abcdef", "dirty": False},
+}
+
+
+def fake_accuracy() -> dict:
+    """Two folds; ridge beats bitro on the normalised scale, bitro wins on raw (known answer)."""
+    rows = []
+    values = {  # (run, target) -> (norm pcc_gene, raw pcc_gene)
+        ("bitro", "raw"): (0.10, 0.30),
+        ("ridge", "library_size"): (0.15, 0.20),
+        ("depth", "raw"): (0.02, 0.25),
+    }
+    for fold, test in enumerate(("C2", "C3")):
+        for (run, target), (norm, raw) in values.items():
+            for metric in accuracy.METRICS:
+                for scale, v in (("library_size", norm), ("raw", raw)):
+                    rows.append(
+                        {
+                            "fold": fold,
+                            "test": test,
+                            "run": run,
+                            "target": target,
+                            "group": "main",
+                            "metric": metric,
+                            "scale": scale,
+                            "value": v + 0.01 * fold,
+                        }
+                    )
+    rows.append(
+        {
+            "fold": 0,
+            "test": "C2",
+            "run": "bitro no GAT",
+            "target": "library_size",
+            "group": "ablation",
+            "metric": "pcc_gene",
+            "scale": "library_size",
+            "value": 0.05,
+        }
+    )
+    speed = [
+        {
+            "fold": 0,
+            "test": "C2",
+            "run": "bitro",
+            "target": "raw",
+            "fit_seconds": 10.0,
+            "predict_seconds": 1.0,
+            "n_train_spots": 100,
+            "n_test_spots": 30,
+            "epochs": 5,
+            "train_spots_per_s": 50.0,
+        },
+        {
+            "fold": 0,
+            "test": "C2",
+            "run": "depth",
+            "target": "raw",
+            "fit_seconds": 0.1,
+            "predict_seconds": 0.1,
+            "n_train_spots": 100,
+            "n_test_spots": 30,
+            "epochs": None,
+            "train_spots_per_s": None,
+        },
+    ]
+    res = {
+        "name": "accuracy",
+        "meta": META,
+        "protocol": {
+            "sections": ["C2", "C3"],
+            "folds_main": ["C2", "C3"],
+            "folds_ablation": ["C2"],
+            "n_genes": 785,
+            "bitro_fit_kwargs": accuracy.BITRO_KW,
+            "bitro_config": "defaults",
+            "encoders": ["x"],
+            "window_half_px": None,
+            "cells": {},
+            "spots": {},
+        },
+        "rows": rows,
+        "speed": speed,
+    }
+    res["markdown"] = accuracy.markdown(res)
+    return res
+
+
+def test_accuracy_markdown_reports_means_and_losses():
+    md = fake_accuracy()["markdown"]
+    # bitro raw, norm pcc_gene mean over the two folds: (0.10 + 0.11) / 2
+    assert "0.105 ± 0.007" in md
+    assert "### Ablations" in md and "bitro no GAT" in md
+    # ridge wins on the normalised scale -> the page must say that bitro loses there
+    norm_line = next(ln for ln in md.splitlines() if "On the normalised scale" in ln)
+    assert "ridge" in norm_line and "bitro loses" in norm_line
+    raw_line = next(ln for ln in md.splitlines() if "On the raw-count scale" in ln)
+    assert "bitro wins" in raw_line
+
+
+def test_build_page_from_results(tmp_path):
+    acc = fake_accuracy()
+    other = {
+        "name": "cells",
+        "meta": {**META, "quick": True},
+        "markdown": "## Cells\n\nthey do **not** beat x\n",
+    }
+    for res in (acc, other):
+        common.write_result(res["name"], res, results_dir=tmp_path)
+    (tmp_path / "legacy.json").write_text(json.dumps({"n_cells": 3}))  # old format: ignored
+    loaded = main.load_results(tmp_path)
+    assert set(loaded) == {"accuracy", "cells"}
+    page = main.build_page(loaded)
+    assert page.startswith("# Benchmarks")
+    assert "## Headline" in page and "## Provenance" in page
+    assert "Fake CPU" in page and "0123456789" in page
+    assert "### Where bitro loses" in page
+    # headline row of ridge: norm 0.155 (mean of 0.15, 0.16)
+    ridge = next(ln for ln in page.splitlines() if ln.startswith("| ridge |"))
+    assert "0.155" in ridge
+    # sections follow the harness order: accuracy before cells
+    assert page.index("## Spot-level accuracy") < page.index("## Cells")
+
+
+def test_empty_page_and_table_formatting():
+    assert "No results yet" in main.build_page({})
+    table = common.md_table(["a", "b"], [[1.23456, None], [float("nan"), "x"]], digits=2)
+    assert table.splitlines()[2] == "| 1.23 | – |"
+    assert table.splitlines()[3] == "| nan | x |"
+
+
+def test_cache_key_depends_on_parameters():
+    a = common.cache_key("C2", ("efficientnet_lite0",), "tile", None)
+    assert a == common.cache_key("C2", ("efficientnet_lite0",), "tile", None)
+    assert a != common.cache_key("C2", ("efficientnet_lite0",), "crop", None)
+    assert a != common.cache_key("C3", ("efficientnet_lite0",), "tile", None)
+    assert a != common.cache_key("C2", ("efficientnet_lite0",), "tile", 800)
