@@ -44,7 +44,6 @@ def execute(path: Path, workdir: Path, *, jupyter_dir: Path):
     os.environ["JUPYTER_PATH"] = os.pathsep.join(
         [str(_kernel_dir(jupyter_dir)), *filter(None, [os.environ.get("JUPYTER_PATH")])]
     )
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,
@@ -52,7 +51,16 @@ def execute(path: Path, workdir: Path, *, jupyter_dir: Path):
         kernel_name=KERNEL,
         resources={"metadata": {"path": str(workdir)}},
     )
-    client.execute()
+    # the test session (and CI) set MPLBACKEND=Agg; the kernel needs the inline backend to emit figures
+    old = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    try:
+        client.execute()
+    finally:
+        if old is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = old
     nb.metadata["kernelspec"] = {
         "name": "python3",
         "display_name": "Python 3 (ipykernel)",
