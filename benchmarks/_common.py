@@ -7,6 +7,7 @@ wall time of the run; :mod:`benchmarks.report` turns them into ``docs/benchmarks
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,13 @@ CACHE_DIR = ROOT / "benchmarks" / "cache"
 DATA_DIR = Path(os.environ.get("BITRO_DATA_DIR", ROOT.parent / "shared" / "data"))
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 SEED = 0
+# half-size (px) of the central window of each section used by the standard accuracy/bulk runs;
+# None = whole sections (the default; ``python -m benchmarks --window 2000`` when CPU time is short)
+# ``epochs`` overrides the bitro max_epochs and ``ablation_folds`` the held-out folds of the ablations
+# (``--epochs``, ``--ablation-folds``); every result records what was used.
+# ``groups`` limits the accuracy benchmark to "main" or "ablation" runs (two processes can share the work;
+# the ablation-only result is written as ``accuracy_ablations`` and merged into the page).
+SETTINGS: dict[str, Any] = {"window": None, "epochs": None, "ablation_folds": None, "groups": None}
 
 # preprocessing of the real sections (recorded with every result that uses them)
 PREPROCESS = {
@@ -50,10 +58,8 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     ram_gb = None
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         ram_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -104,7 +110,8 @@ class Steps:
     """Per-step wall time and peak RSS; a sampling thread tracks RSS while a step runs.
 
     ``with steps("segment"): ...`` records ``{"seconds", "peak_rss_mb", "start_rss_mb"}`` under
-    ``steps.records["segment"]``. The sampler polls ``/proc/self/statm`` every ``interval`` seconds,
+    ``steps.records["segment"]`` (plus ``cpu_seconds``: user + system CPU time of the process, all
+    threads, which is less sensitive than wall time to other jobs on a shared machine). The sampler polls ``/proc/self/statm`` every ``interval`` seconds,
     so very short spikes can be missed; the process-wide ``ru_maxrss`` is recorded as well.
     """
 
@@ -124,11 +131,12 @@ class Steps:
 
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield rec
         finally:
             rec["seconds"] = round(time.perf_counter() - t0, 2)
+            rec["cpu_seconds"] = round(time.process_time() - c0, 2)
             stop.set()
             thread.join()
             rec["peak_rss_mb"] = round(max(peak[0], _rss_mb()), 1)
@@ -324,7 +332,11 @@ def load_tables(path: Path) -> Any:
 
 
 def cached_section(
-    section: str, *, encoders: tuple[str, ...] = ("efficientnet_lite0",), mode: str = "tile", window: int | None = None
+    section: str,
+    *,
+    encoders: tuple[str, ...] = ("efficientnet_lite0",),
+    mode: str = "tile",
+    window: int | None = None,
 ) -> Any:
     """Preprocessed tables of a section, from ``benchmarks/cache/`` or computed and cached."""
     from bitro._logging import logger

@@ -19,10 +19,9 @@ import time
 from typing import Any
 
 import numpy as np
+from benchmarks._common import SECTIONS, SEED, SETTINGS, cached_section, md_table, metadata, write_result
 
 from bitro._logging import logger
-
-from benchmarks._common import SECTIONS, SEED, cached_section, md_table, metadata
 
 ENCODERS = ("efficientnet_lite0", "morphology")
 QUICK_WINDOW = 800
@@ -48,9 +47,14 @@ def runs(quick: bool) -> list[dict[str, Any]]:
             {"name": "ridge", "model": "ridge", "target": "raw", "group": "main"},
             {"name": "ridge", "model": "ridge", "target": "library_size", "group": "main"},
             {"name": "depth", "model": "depth", "target": "raw", "group": "main"},
-            {"name": "bitro no GAT", "model": "bitro", "target": "library_size", "group": "ablation",
-             "config": {"use_gat": False}},
-        ]  # fmt: skip
+            {
+                "name": "bitro no GAT",
+                "model": "bitro",
+                "target": "library_size",
+                "group": "ablation",
+                "config": {"use_gat": False},
+            },
+        ]
     lib = "library_size"
     out = [
         {"name": "bitro", "model": "bitro", "target": "raw", "group": "main"},
@@ -101,7 +105,7 @@ def _with_pseudo_bulk(sdata: Any) -> Any:
 
 def load_sections(quick: bool) -> dict[str, Any]:
     """Cached, preprocessed sections (tables only)."""
-    window = QUICK_WINDOW if quick else None
+    window = QUICK_WINDOW if quick else SETTINGS["window"]
     return {s: cached_section(s, encoders=ENCODERS, window=window) for s in SECTIONS}
 
 
@@ -110,18 +114,35 @@ def _fit(run: dict[str, Any], train: list, genes: list[str], kw: dict[str, Any])
 
     use_rep = run.get("use_rep", "X_bitro")
     if run["model"] != "bitro":
-        return bt.tl.fit(train, genes=genes, model=run["model"], target=run["target"], use_rep=use_rep, seed=SEED)
+        return bt.tl.fit(
+            train, genes=genes, model=run["model"], target=run["target"], use_rep=use_rep, seed=SEED
+        )
     fit_kw = {**kw, "config": run.get("config"), "cluster_weight": run.get("cluster_weight")}
     if run.get("transfer"):
         bulk_train = [_with_pseudo_bulk(s) for s in train]
         base = bt.tl.fit(
-            bulk_train, level="bulk", genes=genes, target=run["target"], use_rep=use_rep, seed=SEED, device="cpu",
+            bulk_train,
+            level="bulk",
+            genes=genes,
+            target=run["target"],
+            use_rep=use_rep,
+            seed=SEED,
+            device="cpu",
             **{k: v for k, v in fit_kw.items() if k != "cluster_weight"},
-        )  # fmt: skip
-        return bt.tl.transfer(
-            base, train, level="spot", method="lora", max_epochs=kw["max_epochs"], lr=kw["lr"], seed=SEED, device="cpu"
         )
-    return bt.tl.fit(train, genes=genes, target=run["target"], use_rep=use_rep, seed=SEED, device="cpu", **fit_kw)
+        return bt.tl.transfer(
+            base,
+            train,
+            level="spot",
+            method="lora",
+            max_epochs=kw["max_epochs"],
+            lr=kw["lr"],
+            seed=SEED,
+            device="cpu",
+        )
+    return bt.tl.fit(
+        train, genes=genes, target=run["target"], use_rep=use_rep, seed=SEED, device="cpu", **fit_kw
+    )
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -133,42 +154,65 @@ def run(quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     sections = load_sections(quick)
     names = list(sections)
-    genes = [g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())]
-    kw = QUICK_BITRO_KW if quick else BITRO_KW
+    genes = [
+        g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())
+    ]
+    kw = dict(QUICK_BITRO_KW if quick else BITRO_KW)
+    if SETTINGS["epochs"] and not quick:
+        kw["max_epochs"] = int(SETTINGS["epochs"])
     folds_main = [0] if quick else list(range(len(names)))
-    folds_ab = [0] if quick else list(ABLATION_FOLDS)
+    folds_ab = [0] if quick else list(SETTINGS["ablation_folds"] or ABLATION_FOLDS)
+    groups = SETTINGS["groups"] or ("main", "ablation")
+    name = "accuracy" if "main" in groups or quick else "accuracy_ablations"
+    plan = [
+        (cfg, f)
+        for group in ("main", "ablation")
+        if group in groups or quick
+        for cfg in runs(quick)
+        if cfg["group"] == group
+        for f in (folds_main if group == "main" else folds_ab)
+    ]
+    plan.sort(key=lambda cf: (cf[0]["group"] != "main", cf[1]))  # all main runs first, fold by fold
     rows, speed = [], []
-    for f, test_name in enumerate(names):
+    out: dict[str, Any] = {}
+    for cfg, f in plan:
+        test_name = names[f]
         train = [sections[n] for n in names if n != test_name]
-        for cfg in runs(quick):
-            if f not in (folds_main if cfg["group"] == "main" else folds_ab):
-                continue
-            t_fit = time.perf_counter()
-            model = _fit(cfg, train, genes, kw)
-            fit_s = time.perf_counter() - t_fit
-            test = light_copy(sections[test_name])
-            t_pred = time.perf_counter()
-            model.predict(test, key_added="cv")
-            pred_s = time.perf_counter() - t_pred
-            res = bt.tl.evaluate(test, table_key="spots", layer="cv", normalize="both", inplace=False)
-            res = res[res["metric"].isin(METRICS)]
-            for r in res.itertuples():
-                rows.append(
-                    {"fold": f, "test": test_name, "run": cfg["name"], "target": cfg["target"],
-                     "group": cfg["group"], "metric": r.metric, "scale": r.scale, "value": float(r.value)}
-                )  # fmt: skip
-            hist = getattr(model, "history", None) or {}
-            n_train = int(sum(s["spots"].n_obs for s in train))
-            epochs = len(hist.get("epoch", [])) or None
-            speed.append(
+        t_fit = time.perf_counter()
+        model = _fit(cfg, train, genes, kw)
+        fit_s = time.perf_counter() - t_fit
+        test = light_copy(sections[test_name])
+        t_pred = time.perf_counter()
+        model.predict(test, key_added="cv")
+        pred_s = time.perf_counter() - t_pred
+        res = bt.tl.evaluate(test, table_key="spots", layer="cv", normalize="both", inplace=False)
+        res = res[res["metric"].isin(METRICS)]
+        for r in res.itertuples():
+            rows.append(
                 {"fold": f, "test": test_name, "run": cfg["name"], "target": cfg["target"],
-                 "fit_seconds": round(fit_s, 2), "predict_seconds": round(pred_s, 3),
-                 "n_train_spots": n_train, "n_test_spots": int(test["spots"].n_obs), "epochs": epochs,
-                 "train_spots_per_s": round(n_train * epochs / fit_s, 1) if epochs else None}
+                 "group": cfg["group"], "metric": r.metric, "scale": r.scale, "value": float(r.value)}
             )  # fmt: skip
-            logger.info("accuracy: fold %d %s %s (%s): fit %.0f s", f, test_name, cfg["name"], cfg["target"], fit_s)
+        hist = getattr(model, "history", None) or {}
+        n_train = int(sum(s["spots"].n_obs for s in train))
+        epochs = len(hist.get("epoch", [])) or None
+        speed.append(
+            {"fold": f, "test": test_name, "run": cfg["name"], "target": cfg["target"],
+             "fit_seconds": round(fit_s, 2), "predict_seconds": round(pred_s, 3),
+             "n_train_spots": n_train, "n_test_spots": int(test["spots"].n_obs), "epochs": epochs,
+             "train_spots_per_s": round(n_train * epochs / fit_s, 1) if epochs else None}
+        )  # fmt: skip
+        logger.info(
+            "accuracy: fold %d %s %s (%s): fit %.0f s", f, test_name, cfg["name"], cfg["target"], fit_s
+        )
+        out = _result(name, quick, t0, names, folds_main, folds_ab, genes, kw, sections, rows, speed)
+        if not quick:
+            write_result(name, out)  # partial results survive an interrupted run
+    return out
+
+
+def _result(name, quick, t0, names, folds_main, folds_ab, genes, kw, sections, rows, speed) -> dict[str, Any]:
     out = {
-        "name": "accuracy",
+        "name": name,
         "meta": metadata(quick=quick, seconds=time.perf_counter() - t0, seeds={"seed": SEED}),
         "protocol": {
             "sections": names,
@@ -179,7 +223,7 @@ def run(quick: bool) -> dict[str, Any]:
             "bitro_config": "BiTroConfig defaults (hidden 128, 2 GAT layers × 4 heads, 2 Transformer layers, "
             "gene-query pooling, per-gene readout, linear output)",
             "encoders": list(ENCODERS),
-            "window_half_px": QUICK_WINDOW if quick else None,
+            "window_half_px": QUICK_WINDOW if quick else SETTINGS["window"],
             "cells": {n: int(s["cells"].n_obs) for n, s in sections.items()},
             "spots": {n: int(s["spots"].n_obs) for n, s in sections.items()},
         },
@@ -216,7 +260,9 @@ def _table(summary, order: list[tuple[str, str]]) -> str:
                 row.append(None)
             else:
                 mean, sd = float(hit["mean"].iloc[0]), hit["std"].iloc[0]
-                row.append(f"{mean:.3f}" + (f" ± {float(sd):.3f}" if sd == sd and hit["count"].iloc[0] > 1 else ""))
+                row.append(
+                    f"{mean:.3f}" + (f" ± {float(sd):.3f}" if sd == sd and hit["count"].iloc[0] > 1 else "")
+                )
         body.append(row)
     return md_table(header, body)
 
@@ -229,17 +275,23 @@ def markdown(res: dict[str, Any]) -> str:
     if not rows:
         return "## Accuracy (HER2ST)\n\nNo results.\n"
     df = pd.DataFrame(rows)
-    main_order = list(dict.fromkeys(zip(df[df.group == "main"]["run"], df[df.group == "main"]["target"], strict=True)))
-    ab_order = [("bitro", "library_size")] + list(
-        dict.fromkeys(zip(df[df.group == "ablation"]["run"], df[df.group == "ablation"]["target"], strict=True))
+    main_order = list(
+        dict.fromkeys(zip(df[df.group == "main"]["run"], df[df.group == "main"]["target"], strict=True))
     )
+    ab = df[df.group == "ablation"]
+    ab_order = [("bitro", "library_size"), *dict.fromkeys(zip(ab["run"], ab["target"], strict=True))]
     kw = p["bitro_fit_kwargs"]
-    where = "whole sections" if not p["window_half_px"] else f"central {2 * p['window_half_px']} px windows (quick)"
+    done = list(dict.fromkeys(df[df.group == "main"]["test"]))
+    where = (
+        "whole sections"
+        if not p["window_half_px"]
+        else f"central {2 * p['window_half_px']} px windows of the sections"
+    )
     lines = [
         "## Spot-level accuracy on HER2ST patient C (leave one section out)",
         "",
         f"**Protocol.** Leave-one-section-out over {', '.join(p['sections'])} ({where}); held-out folds: "
-        f"{', '.join(p['folds_main'])}. {p['n_genes']} genes (HER2ST 785-gene list). Cells: watershed nuclei, "
+        f"{', '.join(done)}{' (run incomplete)' if len(done) < len(p['folds_main']) else ''}. {p['n_genes']} genes (HER2ST 785-gene list). Cells: watershed nuclei, "
         "EfficientNet-Lite0 tile features (cached). bitro: "
         f"{p['bitro_config']}; max {kw['max_epochs']} epochs, lr {kw['lr']}, batch {kw['batch_size']}, early-stopping "
         f"patience {kw['patience']} on {kw['validation_fraction']:.0%} of the training spots, PCA to "
@@ -264,10 +316,17 @@ def markdown(res: dict[str, Any]) -> str:
             "",
         ]
     sp = pd.DataFrame(res["speed"])
-    sp = sp.groupby(["run", "target"], sort=False).agg(
-        fit_s=("fit_seconds", "mean"), epochs=("epochs", "mean"), spots_per_s=("train_spots_per_s", "mean"),
-        predict_s=("predict_seconds", "mean"), test_spots=("n_test_spots", "mean"),
-    ).reset_index()  # fmt: skip
+    sp = (
+        sp.groupby(["run", "target"], sort=False)
+        .agg(
+            fit_s=("fit_seconds", "mean"),
+            epochs=("epochs", "mean"),
+            spots_per_s=("train_spots_per_s", "mean"),
+            predict_s=("predict_seconds", "mean"),
+            test_spots=("n_test_spots", "mean"),
+        )
+        .reset_index()
+    )
     lines += [
         "### Training and prediction speed (from the same runs)",
         "",
@@ -275,19 +334,47 @@ def markdown(res: dict[str, Any]) -> str:
         "prediction time is for one held-out section (spots and pseudo-cells).",
         "",
         md_table(
-            ["model", "trained on", "fit (s)", "epochs", "train spots/s", "predict (s / section)", "test spots"],
             [
-                [r.run, "norm" if r.target == "library_size" else "raw", r.fit_s,
-                 None if r.epochs != r.epochs else r.epochs, None if r.spots_per_s != r.spots_per_s else r.spots_per_s,
-                 r.predict_s, r.test_spots]
+                "model",
+                "trained on",
+                "fit (s)",
+                "epochs",
+                "train spots/s",
+                "predict (s / section)",
+                "test spots",
+            ],
+            [
+                [
+                    r.run,
+                    "norm" if r.target == "library_size" else "raw",
+                    r.fit_s,
+                    None if r.epochs != r.epochs else r.epochs,
+                    None if r.spots_per_s != r.spots_per_s else r.spots_per_s,
+                    r.predict_s,
+                    r.test_spots,
+                ]
                 for r in sp.itertuples()
-            ],  # fmt: skip
+            ],
             digits=1,
         ),
         "",
         _reading(_summary(rows, "main")),
+        _noise_note(sp),
     ]
     return "\n".join(lines)
+
+
+def _noise_note(speed) -> str:
+    """Warn when the held-out sections have too few spots for PCC_gene to mean much."""
+    n = float(speed["test_spots"].median()) if len(speed) else 0.0
+    if n >= 100:
+        return ""
+    return (
+        f"**Caution.** Only about {n:.0f} spots per held-out section: a per-gene PCC over so few spots has a "
+        f"standard error near 1/√{n:.0f} ≈ {1 / max(n, 1) ** 0.5:.2f}, so differences of a few hundredths "
+        "between models here are noise. Whole-section runs (`python -m benchmarks` without `--window`) are "
+        "needed to rank the models.\n"
+    )
 
 
 def _reading(summary) -> str:

@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import numpy as np
-
 from benchmarks._common import SEED, md_table, metadata
 
 FULL = {"n_slides": 4, "size": 2000, "n_genes": 100, "max_epochs": 30, "n_components": 32}
@@ -63,9 +62,16 @@ def run(quick: bool) -> dict[str, Any]:
     genes = list(test["spots"].var_names)
     t_fit = time.perf_counter()
     model = bt.tl.fit(
-        train, genes=genes, cells_key="cells_truth", max_epochs=p["max_epochs"], lr=1e-3,
-        n_components=p["n_components"], config={"hidden_dim": 64, "ffn_dim": 128}, seed=SEED, device="cpu",
-    )  # fmt: skip
+        train,
+        genes=genes,
+        cells_key="cells_truth",
+        max_epochs=p["max_epochs"],
+        lr=1e-3,
+        n_components=p["n_components"],
+        config={"hidden_dim": 64, "ffn_dim": 128},
+        seed=SEED,
+        device="cpu",
+    )
     fit_s = time.perf_counter() - t_fit
     bt.tl.predict(model, test)
     spots_eval = bt.tl.evaluate(test, layer="bitro", normalize="both", inplace=False)
@@ -74,7 +80,11 @@ def run(quick: bool) -> dict[str, Any]:
     spots = test["spots"]
     cols = spots.var_names.get_indexer(genes)
     pred_spot_counts = np.expm1(np.asarray(spots.layers["bitro"])[:, cols])
-    true_spot_counts = np.asarray(spots.layers["counts"][:, cols].todense() if hasattr(spots.layers["counts"], "todense") else spots.layers["counts"][:, cols])  # noqa: E501
+    true_spot_counts = np.asarray(
+        spots.layers["counts"][:, cols].todense()
+        if hasattr(spots.layers["counts"], "todense")
+        else spots.layers["counts"][:, cols]
+    )
     ccols = cells.var_names.get_indexer(genes)
     for name, counts in (("equal_split", pred_spot_counts), ("oracle_equal_split", true_spot_counts)):
         layer = np.full((cells.n_obs, cells.n_vars), np.nan, dtype=np.float32)
@@ -83,16 +93,26 @@ def run(quick: bool) -> dict[str, Any]:
     res = {
         "name": "cells",
         "meta": metadata(quick=quick, seconds=time.perf_counter() - t0, seeds={"seed": SEED}),
-        "protocol": {**p, "technology": "visium", "encoder": "morphology on the true nuclei", "test_slide": len(slides) - 1},
+        "protocol": {
+            **p,
+            "technology": "visium",
+            "encoder": "morphology on the true nuclei",
+            "test_slide": len(slides) - 1,
+        },
         "n_cells_truth": [int(s["cells_truth"].n_obs) for s in slides],
         "n_spots": [int(s["spots"].n_obs) for s in slides],
         "embed_seconds": round(embed_s, 1),
         "fit_seconds": round(fit_s, 1),
         "epochs": len(model.history["epoch"]),
         "spot_scores": spot_scores,
-        "cell_scores": {m: _scores(test, layer, genes) for m, layer in
-                        (("bitro pseudo-cells", "bitro"), ("equal split of predicted spot", "equal_split"),
-                         ("oracle: equal split of true spot", "oracle_equal_split"))},  # fmt: skip
+        "cell_scores": {
+            m: _scores(test, layer, genes)
+            for m, layer in (
+                ("bitro pseudo-cells", "bitro"),
+                ("equal split of predicted spot", "equal_split"),
+                ("oracle: equal split of true spot", "oracle_equal_split"),
+            )
+        },
     }
     res["markdown"] = markdown(res)
     return res
@@ -104,7 +124,10 @@ def markdown(res: dict[str, Any]) -> str:
     keys = ["pcc_gene_library_size", "pcc_overall_library_size", "pcc_gene_raw", "pcc_overall_raw"]
     rows = [[m, *[s.get(k) for k in keys], s["n_cells"]] for m, s in res["cell_scores"].items()]
     ss = res["spot_scores"]
-    bitro, split = res["cell_scores"]["bitro pseudo-cells"], res["cell_scores"]["equal split of predicted spot"]
+    bitro, split = (
+        res["cell_scores"]["bitro pseudo-cells"],
+        res["cell_scores"]["equal split of predicted spot"],
+    )
     better = bitro.get("pcc_gene_library_size", np.nan) > split.get("pcc_gene_library_size", np.nan)
     return "\n".join(
         [
@@ -117,8 +140,17 @@ def markdown(res: dict[str, Any]) -> str:
             "first slides and predicts the last. Pseudo-cells are scored against the true cell counts "
             "(PCC_gene across cells; PCC_overall across genes of a cell).",
             "",
-            md_table(["prediction", "PCC_gene (norm)", "PCC_overall (norm)", "PCC_gene (raw)", "PCC_overall (raw)",
-                      "cells"], rows),  # fmt: skip
+            md_table(
+                [
+                    "prediction",
+                    "PCC_gene (norm)",
+                    "PCC_overall (norm)",
+                    "PCC_gene (raw)",
+                    "PCC_overall (raw)",
+                    "cells",
+                ],
+                rows,
+            ),
             "",
             f"Spot level on the same test slide: PCC_gene {ss.get('pcc_gene_library_size', np.nan):.3f} (norm), "
             f"{ss.get('pcc_gene_raw', np.nan):.3f} (raw).",
