@@ -188,7 +188,9 @@ def _figures(test, model, metrics, genes, out: Path, plt) -> list[str]:
 
 
 def _markdown(report: dict, metrics, figures: list[str]) -> str:
-    table = metrics.pivot_table(index="model", columns=["metric", "scale"], values="value").round(3)
+    main = metrics[metrics["metric"].isin(["pcc_gene", "pcc_overall", "mse"])]
+    table = main.pivot_table(index="model", columns=["metric", "scale"], values="value").round(3)
+    table.columns = [f"{m} ({'norm' if sc == 'library_size' else sc})" for m, sc in table.columns]
     lines = [
         "# bitro demo report",
         "",
@@ -197,6 +199,9 @@ def _markdown(report: dict, metrics, figures: list[str]) -> str:
         f"{report['genes']} genes; {report['epochs_run']} epochs.",
         "",
         "## Spot-level accuracy on the held-out slide",
+        "",
+        "*raw* = log1p of raw counts; *norm* = log1p after library-size normalisation (the gene-specific "
+        "test). All metrics are in `metrics.csv`.",
         "",
         table.to_markdown() if hasattr(table, "to_markdown") else table.to_string(),
         "",

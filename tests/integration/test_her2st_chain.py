@@ -70,6 +70,17 @@ def sections(data_dir):
 
 
 def test_chain_produces_plausible_cells(sections):
+    slides = list(sections.values())
+    projection = bt.pp.reduce_features(slides, n_components=16, seed=0, overwrite=True)
+    bt.pp.cluster_phenotypes(slides, n_clusters=8, seed=0, overwrite=True)
+    assert projection.n_components == 16
+    for name, sdata in sections.items():
+        bt.pp.cell_graph(sdata, overwrite=True)
+        cells = sdata["cells"]
+        assert cells.obsm["X_bitro_pca"].shape[1] == 16
+        assert cells.obs["phenotype"].nunique() >= 2, name
+        conn = cells.obsp["spatial_connectivities"]
+        assert conn.nnz > 0 and (conn != conn.T).nnz == 0, name
     for name, sdata in sections.items():
         cells, spots = sdata["cells"], sdata["spots"]
         assert cells.n_obs > 500, name
