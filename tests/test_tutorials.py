@@ -155,7 +155,7 @@ def test_bulk_and_transfer(tmp_path):
 @pytest.mark.slow
 def test_cell_clustering(tmp_path):
     res, nb = run("03_cell_clustering.ipynb", tmp_path)
-    assert n_images(nb) >= 3
+    assert n_images(nb) >= 2  # UMAP of the clusters, clusters on the tissue next to the true types
     assert res["n_clusters"] >= 2
     assert finite(res["ari"]) and -1 <= res["ari"] <= 1
     assert res["matched_fraction"] > 0.5  # most segmented cells sit on a true nucleus
