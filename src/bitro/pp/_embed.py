@@ -29,6 +29,7 @@ from bitro._settings import progress, resolve_device, resolve_seed
 from bitro._validate import check_not_exists
 from bitro.io._build import get_image, get_mpp, get_shapes, get_table, image_levels
 from bitro.pp._encoders import Encoder, get_encoder
+from bitro.pp._tiles import read_box
 
 if TYPE_CHECKING:
     import spatialdata as sd
@@ -196,20 +197,6 @@ def _group_by_tile(xy: np.ndarray, shape_yx: tuple[int, int], tile_size: int) ->
     return np.split(order, starts[1:]) if len(order) else []
 
 
-def _read_box(data: Any, y0: int, x0: int, y1: int, x1: int, fill: int = 255) -> np.ndarray:
-    """Read ``[y0:y1, x0:x1]`` of a ``(c, y, x)`` array as ``(h, w, 3) uint8``; outside is ``fill`` (white)."""
-    height, width = data.shape[1], data.shape[2]
-    out = np.full((y1 - y0, x1 - x0, 3), fill, dtype=np.uint8)
-    cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
-    if cy1 > cy0 and cx1 > cx0:
-        box = data[:3, cy0:cy1, cx0:cx1]
-        box = np.asarray(box.compute() if hasattr(box, "compute") else box)
-        if box.dtype != np.uint8:
-            box = np.clip(box, 0, 255).astype(np.uint8)
-        out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = np.moveaxis(box, 0, -1)
-    return out
-
-
 def _box_around(points: np.ndarray, margin: float) -> tuple[int, int, int, int]:
     """Integer ``(y0, x0, y1, x1)`` box around ``points`` (x, y) with ``margin`` pixels each side."""
     x0, y0 = np.floor(points.min(axis=0) - margin).astype(int)
@@ -248,7 +235,7 @@ def _embed_crops(
     groups = _group_by_tile(xy, data.shape[1:], tile_size)
     for idx in progress(groups, desc=f"embedding cells ({enc.name}, crops)", unit="tile"):
         y0, x0, y1, x1 = _box_around(xy[idx], margin)
-        tile = _read_box(data, y0, x0, y1, x1)
+        tile = read_box(data, (y0, x0, y1, x1))
         starts = _crop_starts(xy[idx], size) - np.array([x0, y0])
         crops = np.stack([tile[sy : sy + size, sx : sx + size] for sx, sy in starts])
         buf_idx.append(idx)
@@ -269,7 +256,7 @@ def _embed_tiles(
     groups = _group_by_tile(xy, data.shape[1:], tile_size)
     for idx in progress(groups, desc=f"embedding cells ({enc.name}, tiles)", unit="tile"):
         y0, x0, y1, x1 = _box_around(xy[idx], margin)
-        tile = _read_box(data, y0, x0, y1, x1)
+        tile = read_box(data, (y0, x0, y1, x1))
         if factor != 1.0:
             from skimage.transform import resize
 
@@ -361,7 +348,7 @@ def _embed_morphology(
     for idx in progress(groups, desc="embedding cells (morphology)", unit="tile"):
         corners = np.concatenate([bounds[idx, :2], bounds[idx, 2:]])
         y0, x0, y1, x1 = _box_around(corners, ring_px + 2)
-        tile = _read_box(data, y0, x0, y1, x1)
+        tile = read_box(data, (y0, x0, y1, x1))
         near = np.flatnonzero(
             (bounds[:, 2] >= x0) & (bounds[:, 0] < x1) & (bounds[:, 3] >= y0) & (bounds[:, 1] < y1)
         )
