@@ -754,6 +754,8 @@ class BiTroModel:
             "train_slides": list(getattr(self, "train_slides", [])),
             "weights_sha256": self.weights_hash(),
             "bitro_version": __version__,
+            # only when set: AnnData cannot store None in .uns
+            **({"transferred_from": self.source} if getattr(self, "source", None) else {}),
         }
 
     def weights_hash(self) -> str:
@@ -809,6 +811,7 @@ class BiTroModel:
             "train_slides": list(getattr(self, "train_slides", [])),
             "is_trained": self.is_trained,
             "lora": getattr(self, "lora_info", None),
+            "transferred_from": getattr(self, "source", None),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -880,6 +883,7 @@ class BiTroModel:
             raise ValueError(msg)
         self.net = BiTroNet(self.config)
         self.lora_info = config.get("lora")
+        self.source = config.get("transferred_from")
         if self.lora_info:
             from bitro.models import apply_lora
 
