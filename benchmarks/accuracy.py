@@ -73,6 +73,7 @@ def runs(quick: bool) -> list[dict[str, Any]]:
         ("bitro mean pooling", {"config": {"pooling": "mean"}}),
         ("bitro + cluster loss 0.1", {"cluster_weight": 0.1}),
         ("bitro + bag size input", {"config": {"use_cell_count": True}}),
+        ("bitro without z-score", {"fit": {"zscore": False}}),
         ("bitro morphology encoder", {"use_rep": "X_morphology"}),
         ("ridge morphology encoder", {"model": "ridge", "use_rep": "X_morphology"}),
         ("bitro pseudo-bulk → spot (LoRA)", {"transfer": True}),
@@ -117,7 +118,12 @@ def _fit(run: dict[str, Any], train: list, genes: list[str], kw: dict[str, Any])
         return bt.tl.fit(
             train, genes=genes, model=run["model"], target=run["target"], use_rep=use_rep, seed=SEED
         )
-    fit_kw = {**kw, "config": run.get("config"), "cluster_weight": run.get("cluster_weight")}
+    fit_kw = {
+        **kw,
+        **run.get("fit", {}),
+        "config": run.get("config"),
+        "cluster_weight": run.get("cluster_weight"),
+    }
     if run.get("transfer"):
         bulk_train = [_with_pseudo_bulk(s) for s in train]
         base = bt.tl.fit(

@@ -89,3 +89,15 @@ def test_target_transform_round_trip(scale, rng):
         np.testing.assert_allclose(back.sum(axis=1), t.target_sum, rtol=1e-4)
     with pytest.raises(ValueError, match="scale"):
         TargetTransform.fit(counts, list("ABCDEF"), scale="tpm")
+
+
+def test_target_transform_without_zscore(rng):
+    counts = rng.poisson(5, size=(40, 6)).astype(float)
+    t = TargetTransform.fit(counts, list("ABCDEF"), zscore=False)
+    assert not t.zscore
+    np.testing.assert_allclose(t.encode(counts), np.log1p(counts), atol=1e-5)
+    np.testing.assert_allclose(t.to_counts(t.encode(counts)), counts, atol=1e-3)
+    again = TargetTransform.from_arrays(t.arrays(), t.meta())
+    assert again.zscore is False
+    with pytest.raises(ValueError, match="zscore"):
+        TargetTransform.fit(counts, list("ABCDEF"), zscore="no")

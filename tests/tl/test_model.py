@@ -140,6 +140,17 @@ def test_target_library_size(toy_slides):
     assert model.transform.scale == "library_size" and model.transform.target_sum > 0
 
 
+def test_without_zscore_and_weight_decay(tmp_path, toy_slides):
+    model = _fit(toy_slides[:2], max_epochs=2, zscore=False, weight_decay=1e-3)
+    assert not model.transform.zscore and model.train_params["weight_decay"] == 1e-3
+    np.testing.assert_array_equal(model.transform.mean, 0)
+    model.save(tmp_path / "m")
+    assert BiTroModel.load(tmp_path / "m").transform.zscore is False
+    a = light_copy(toy_slides[2])
+    model.predict(a)
+    assert np.isfinite(a["spots"].layers["bitro"]).all() and (a["spots"].layers["bitro"] >= 0).all()
+
+
 def test_bulk_fit_and_transfer(toy_bulk_slides):
     train = toy_bulk_slides[:3]
     bulk = _fit(train, level="bulk", max_epochs=3)

@@ -20,10 +20,12 @@ def fit(
     genes: list[str] | None = None,
     model: str = "bitro",
     target: str = "raw",
+    zscore: bool = True,
     use_rep: str = K.EMBEDDING,
     config: Any = None,
     max_epochs: int = 100,
     lr: float = 1e-4,
+    weight_decay: float = 0.0,
     batch_size: int = 32,
     patience: int = 6,
     validation_fraction: float = 0.1,
@@ -51,11 +53,13 @@ def fit(
         (spot level).
     target
         ``"raw"`` (log1p of raw counts) or ``"library_size"`` (log1p of library-size-normalised counts).
+    zscore
+        Per-gene z-scoring of the targets (paper Eq. 21; default). ``False`` is the ablation.
     use_rep
         Cell embedding in ``cells.obsm``.
     config
         :class:`bitro.models.BiTroConfig` or dict of its fields.
-    max_epochs, lr, batch_size, patience, validation_fraction
+    max_epochs, lr, weight_decay, batch_size, patience, validation_fraction
         Training options; see :meth:`bitro.models.BiTroModel.train`.
     cluster_weight
         λ of the cluster loss (default 0 for spots, 0.1 for bulk).
@@ -98,6 +102,7 @@ def fit(
         genes=genes,
         config=config,
         target=target,
+        zscore=zscore,
         use_rep=use_rep,
         n_components=n_components,
         n_phenotypes=n_phenotypes,
@@ -110,6 +115,7 @@ def fit(
     return m.train(
         max_epochs=max_epochs,
         lr=lr,
+        weight_decay=weight_decay,
         batch_size=batch_size,
         patience=patience,
         validation_fraction=validation_fraction,

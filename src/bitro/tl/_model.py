@@ -109,6 +109,9 @@ class BiTroModel:
     target
         ``"raw"``: log1p of raw counts (the paper's convention); ``"library_size"``: counts rescaled to
         the median library size first.
+    zscore
+        Standardise each gene's log1p target with the training mean and standard deviation (paper
+        Eq. 21; the default). ``False`` trains on log1p values directly (an ablation; spot level only).
     use_rep
         Cell embedding in ``cells.obsm``.
     n_components
@@ -140,6 +143,7 @@ class BiTroModel:
         genes: list[str] | None = None,
         config: Any = None,
         target: str = "raw",
+        zscore: bool = True,
         use_rep: str = K.EMBEDDING,
         n_components: int = 128,
         n_phenotypes: int = 8,
@@ -189,7 +193,7 @@ class BiTroModel:
             phenotypes=phenotypes,
         )
         self._build_net(config)
-        self._setup_targets(sdatas, target=target)
+        self._setup_targets(sdatas, target=target, zscore=zscore)
 
     # ------------------------------------------------------------------ setup
     def _unit_key(self) -> tuple[str, str]:
@@ -270,7 +274,7 @@ class BiTroModel:
             context_um=self.context_um,
         )
 
-    def _setup_targets(self, sdatas: list[sd.SpatialData], *, target: str) -> None:
+    def _setup_targets(self, sdatas: list[sd.SpatialData], *, target: str, zscore: bool = True) -> None:
         projected, phenos = self._train_inputs
         bags, _ = self._bags(sdatas, projected, phenos)
         units_key, _ = self._unit_key()
@@ -281,7 +285,7 @@ class BiTroModel:
                 rows = table.obs_names.get_indexer(bags.bag_ids[bags.bag_slide == s])
                 counts.append(_unit_counts(table[rows], self.genes, layer=K.COUNTS_LAYER, what=units_key))
             counts = np.concatenate(counts)
-            self.transform = TargetTransform.fit(counts, self.genes, scale=target)
+            self.transform = TargetTransform.fit(counts, self.genes, scale=target, zscore=zscore)
             bags.targets = self.transform.encode(counts)
         else:
             self._setup_bulk_targets(sdatas, bags, target=target)

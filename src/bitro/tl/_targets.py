@@ -47,7 +47,10 @@ class TargetTransform:
     target_sum
         Library size that counts are rescaled to on the ``library_size`` scale.
     mean, std
-        Per-gene mean and standard deviation of the log1p targets on the training units.
+        Per-gene mean and standard deviation of the log1p targets on the training units (0 and 1
+        when ``zscore`` is off).
+    zscore
+        Whether targets are z-scored per gene (paper Eq. 21) or used as log1p values directly.
     """
 
     genes: tuple[str, ...]
@@ -55,15 +58,28 @@ class TargetTransform:
     target_sum: float | None
     mean: np.ndarray
     std: np.ndarray
+    zscore: bool = True
 
     @classmethod
-    def fit(cls, counts: np.ndarray, genes: list[str], *, scale: Scale = "raw") -> TargetTransform:
-        """Fit the statistics on training counts ``(units, genes)``."""
+    def fit(
+        cls, counts: np.ndarray, genes: list[str], *, scale: Scale = "raw", zscore: bool = True
+    ) -> TargetTransform:
+        """Fit the statistics on training counts ``(units, genes)``.
+
+        With ``zscore=False`` the network learns log1p values directly (mean 0, std 1): the ablation
+        of the paper's per-gene standardisation.
+        """
         if scale not in SCALES:
             msg = f"Unknown target scale {scale!r}; choose one of {SCALES}."
             raise ValueError(msg)
+        if not isinstance(zscore, bool):
+            msg = f"zscore must be True or False, got {zscore!r}."
+            raise ValueError(msg)
         counts = np.asarray(counts, dtype=np.float64)
         target_sum = float(np.median(counts.sum(axis=1))) if scale == "library_size" else None
+        if not zscore:
+            ones = np.ones(counts.shape[1])
+            return cls(tuple(genes), scale, target_sum, np.zeros_like(ones), ones, zscore=False)
         logx = log1p_scale(counts, scale, target_sum)
         std = np.maximum(logx.std(axis=0), MIN_STD)
         return cls(tuple(genes), scale, target_sum, logx.mean(axis=0), std)
@@ -86,7 +102,12 @@ class TargetTransform:
 
     def meta(self) -> dict[str, Any]:
         """JSON-serialisable metadata."""
-        return {"genes": list(self.genes), "scale": self.scale, "target_sum": self.target_sum}
+        return {
+            "genes": list(self.genes),
+            "scale": self.scale,
+            "target_sum": self.target_sum,
+            "zscore": self.zscore,
+        }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> TargetTransform:
@@ -97,4 +118,5 @@ class TargetTransform:
             meta["target_sum"],
             arrays["target_mean"],
             arrays["target_std"],
+            zscore=bool(meta.get("zscore", True)),
         )
