@@ -355,3 +355,33 @@ def test_real_image_tiled_polygons(data_dir):
         raster[rr, cc] = i + 1
     assert counts[0] == counts[1]
     assert pixel_dice(truth, raster) >= 0.80  # measured 0.882 (benchmarks/segmentation.py: 0.884 on the mask)
+
+
+def test_threshold_sample_ignores_glass(rng):
+    """The slide-wide cut comes from tissue pixels: adding glass around the tissue does not move it."""
+    from spatialdata.models import Labels2DModel
+    from spatialdata.transformations import Scale
+
+    from bitro.io._build import get_image
+    from bitro.pp._segment import _slide_threshold
+    from bitro.pp._watershed import WatershedParams
+
+    tissue = draw_nuclei((1024, 1024), grid_centres((1024, 1024), 30, 15, rng), 7, rng)
+    # a slide of 2 × 4 boxes: tissue fills box (0, 0) only; the rest of its row is glass
+    rgb = np.full((2048, 4096, 3), 245, dtype=np.uint8)
+    rgb[:1024, :1024] = tissue
+    sdata = make_sdata(rgb)
+    mask = np.zeros((256, 512), dtype=np.uint8)
+    mask[:128, :128] = 1
+    # a thin strip of "tissue" in the next box: some tissue, mostly glass (fraction < 0.5)
+    mask[:128, 128:136] = 1
+    sdata.labels["tissue"] = Labels2DModel.parse(
+        mask, dims=("y", "x"), transformations={"global": Scale([8, 8], axes=("y", "x"))}
+    )
+    params = WatershedParams()
+    data = get_image(sdata, "he")
+    with_mask = _slide_threshold(data, (2048, 4096), 0.5, params, sdata.labels["tissue"], 0)
+    alone = _slide_threshold(make_sdata(tissue)["he"].data, (1024, 1024), 0.5, params, None, 0)
+    glass_too = _slide_threshold(data[:, :1024, :2048], (1024, 2048), 0.5, params, None, 0)
+    assert with_mask == pytest.approx(alone, rel=0.02)
+    assert abs(glass_too - alone) > 0.05 * alone  # without the mask, glass pulls the cut away

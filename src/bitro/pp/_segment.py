@@ -90,19 +90,55 @@ def _has_tissue(mask: Any, tile: Tile) -> bool:
     return tissue_fraction(mask, (tile.x0, tile.y0, tile.x1, tile.y1)) > 0
 
 
+#: Boxes at least this much covered by tissue are preferred for the threshold sample.
+_DENSE_FRACTION = 0.5
+
+
+def _box_tissue(mask: Any, box: tuple[int, int, int, int], step: int) -> np.ndarray | None:
+    """Tissue mask of a level-0 box ``(y0, x0, y1, x1)`` sampled every ``step`` pixels (nearest)."""
+    if mask is None:
+        return None
+    from bitro.pp._tissue import _mask_scale
+
+    sy, sx = _mask_scale(mask)
+    arr = np.asarray(mask.data)
+    y0, x0, y1, x1 = box
+    rows = np.clip((np.arange(y0, y1, step) / sy).astype(int), 0, arr.shape[0] - 1)
+    cols = np.clip((np.arange(x0, x1, step) / sx).astype(int), 0, arr.shape[1] - 1)
+    return arr[np.ix_(rows, cols)] > 0
+
+
 def _slide_threshold(
     data: Any, shape_yx: tuple[int, int], mpp: float, params: WatershedParams, mask: Any, seed: int
 ) -> float:
-    """One hematoxylin threshold for the whole image, from up to 16 boxes of 1024 px (tissue only)."""
-    boxes = [t for t in tile_grid(shape_yx, tile_size=_SAMPLE_SIZE, overlap=0) if _has_tissue(mask, t)]
+    """One hematoxylin threshold for the whole image, from up to 16 boxes of 1024 px.
+
+    With a tissue mask, boxes mostly covered by tissue are preferred and only their tissue pixels
+    enter the histogram: glass and thin tissue at the section's edge would otherwise pull the cut
+    down and merge neighbouring nuclei (measured on HER2ST C2: a whole-section estimate from all
+    pixels of random tissue boxes gave 0.015 and median nucleus area 78 µm², a central-window
+    estimate 0.025 and 50 µm²).
+    """
+    boxes = tile_grid(shape_yx, tile_size=_SAMPLE_SIZE, overlap=0)
+    if mask is not None:
+        from bitro.pp._tissue import tissue_fraction
+
+        fractions = np.array([tissue_fraction(mask, (t.x0, t.y0, t.x1, t.y1)) for t in boxes])
+        dense = fractions >= _DENSE_FRACTION
+        keep = dense if dense.any() else fractions > 0
+        boxes = [t for t, k in zip(boxes, keep) if k]
     if not boxes:
         return estimate_threshold(np.zeros(1, dtype=np.float32), params=params)
     if len(boxes) > _MAX_SAMPLES:
         rng = np.random.default_rng(seed)
         boxes = [boxes[i] for i in sorted(rng.choice(len(boxes), _MAX_SAMPLES, replace=False))]
-    values = [
-        smoothed_hematoxylin(read_box(data, t.box), mpp, params.sigma_um)[::2, ::2].ravel() for t in boxes
-    ]
+    values = []
+    for t in boxes:
+        h = smoothed_hematoxylin(read_box(data, t.box), mpp, params.sigma_um)[::2, ::2]
+        inside = _box_tissue(mask, t.box, 2)
+        if inside is not None and inside.shape == h.shape and inside.any():
+            h = h[inside]
+        values.append(h.ravel())
     return estimate_threshold(np.concatenate(values), params=params)
 
 
