@@ -334,7 +334,7 @@ def _run_distributed(ctx: _Context, data: Any, client: Any, desc: str) -> None:
     index = {f.key: i for i, f in enumerate(futures)}
     bar = progress(total=len(futures), desc=desc, unit="tile")
     try:
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             i = index[fut.key]
             try:
                 value = fut.result()
