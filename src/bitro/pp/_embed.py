@@ -1,6 +1,7 @@
 """Cell embedding (``bt.pp.embed_cells``): one feature vector per segmented cell.
 
-The image is processed tile by tile (only one tile, or one batch of crops, in memory): cells are
+The image is processed tile by tile (only one tile, or one batch of crops, in memory per worker; the
+tiles run in this process or on dask, see :mod:`bitro.pp._parallel`): cells are
 assigned to exactly one tile by the tile *core* that contains their centroid, and each tile is read
 with a margin of context (white outside the image) so that cells near borders see their
 surroundings.
@@ -105,8 +106,9 @@ def embed_cells(
         tile (crop mode: per group of tiles holding ``batch_size`` cells, as in the local loop, so the
         forward passes and features are the same). ``None``: the client active in this process if
         there is one, else the local loop. The encoder is scattered to each worker once (a torch
-        model is pickled once per worker, not per tile) and runs there on the CPU; set torch threads
-        on the workers to avoid oversubscription. Custom encoders must be picklable (cloudpickle).
+        model is pickled once per worker, not per tile) after being moved to ``device``, so use
+        ``device="cpu"`` unless every worker has that device; set torch threads on the workers to
+        avoid oversubscription. Custom encoders must be picklable (cloudpickle).
     scheduler
         ``"threads"``, ``"processes"`` or ``"synchronous"``: run the tiles with plain dask (no
         cluster). ``"threads"`` shares one encoder; ``"processes"`` pickles it with every task.
