@@ -7,8 +7,8 @@ run (a) in the local loop of this process and (b) with ``client=`` a ``distribut
 of 2 worker processes × 1 thread; wall times are recorded and the outputs compared (cell
 centroids, areas and polygons must be identical, features equal to 1e-6).
 
-Quick: ~20k cells. Full: ~40k cells — 100k cells would need ~25 min on the shared 2-core machine
-(measured rate ≈ 13 s per 1k cells for generation + both runs), over the ~10 min budget.
+Quick: ~20k cells (measured: 370 s for the whole benchmark on the shared 2-core machine at load ~9).
+Full: ~40k cells (~12 min at that rate) — 100k cells would need ~30 min, over the ~10 min budget.
 
 Run: ``python -m benchmarks --quick --only distributed`` (or ``python -m benchmarks.distributed``).
 """
