@@ -27,6 +27,7 @@ BENCHMARKS = {
     "embedding": "benchmarks.embedding",
     "segmentation": "benchmarks.segmentation",
     "stain": "benchmarks.stain",
+    "distributed": "benchmarks.distributed",
 }
 ALIASES = {"speed": "embedding"}
 STANDARD = tuple(BENCHMARKS)

@@ -1,6 +1,7 @@
 """Cell embedding (``bt.pp.embed_cells``): one feature vector per segmented cell.
 
-The image is processed tile by tile (only one tile, or one batch of crops, in memory): cells are
+The image is processed tile by tile (only one tile, or one batch of crops, in memory per worker; the
+tiles run in this process or on dask, see :mod:`bitro.pp._parallel`): cells are
 assigned to exactly one tile by the tile *core* that contains their centroid, and each tile is read
 with a margin of context (white outside the image) so that cells near borders see their
 surroundings.
@@ -19,22 +20,26 @@ surroundings.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from bitro import _keys as K
 from bitro._logging import logger
-from bitro._settings import progress, resolve_device, resolve_seed
+from bitro._settings import resolve_device, resolve_seed
 from bitro._validate import check_not_exists
 from bitro.io._build import get_image, get_mpp, get_shapes, get_table, image_levels
 from bitro.pp._encoders import Encoder, get_encoder
-from bitro.pp._tiles import read_box
+from bitro.pp._parallel import check_parallel_args, execution_info, map_tiles
 
 if TYPE_CHECKING:
     import spatialdata as sd
 
 __all__ = ["embed_cells"]
+
+#: ``run(per_tile_func, items, boxes, shared, desc) -> results``: map_tiles with the call's options bound.
+RunTiles = Callable[[Callable[..., Any], list[Any], list[Any], Any, str], list[Any]]
 
 _SEGMENT_HINT = "Cells are created by bt.pp.segment_cells(sdata); run it first (or import a segmentation)."
 
@@ -54,6 +59,9 @@ def embed_cells(
     key_added: str = K.EMBEDDING,
     overwrite: bool = False,
     seed: int | None = None,
+    client: Any = None,
+    scheduler: str | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
 ) -> None:
     """Embed every cell of table ``cells_key`` with an image encoder.
 
@@ -93,6 +101,21 @@ def embed_cells(
         Replace an existing ``obsm[key_added]``.
     seed
         Seed for torch (recorded; inference itself is deterministic).
+    client
+        A ``distributed.Client`` to run the tiles on a dask cluster (local or remote), one task per
+        tile (crop mode: per group of tiles holding ``batch_size`` cells, as in the local loop, so the
+        forward passes and features are the same). ``None``: the client active in this process if
+        there is one, else the local loop. The encoder is scattered to each worker once (a torch
+        model is pickled once per worker, not per tile) after being moved to ``device``, so use
+        ``device="cpu"`` unless every worker has that device; set torch threads on the workers to
+        avoid oversubscription. Custom encoders must be picklable (cloudpickle).
+    scheduler
+        ``"threads"``, ``"processes"`` or ``"synchronous"``: run the tiles with plain dask (no
+        cluster). ``"threads"`` shares one encoder; ``"processes"`` pickles it with every task.
+    on_error
+        ``"raise"``: a tile that cannot be read (e.g. a corrupt chunk) stops the run with an error
+        naming the image and tile box. ``"skip"``: its cells keep zero features, a warning is
+        logged and its boxes are listed in ``uns[key_added]["skipped_tiles"]``.
 
     Returns
     -------
@@ -100,7 +123,7 @@ def embed_cells(
 
     - ``obsm[key_added]``: ``(n_cells, dim)`` float32 features;
     - ``uns[key_added]``: encoder name, dimension, checkpoint path and sha256, feature names (morphology),
-      parameters and the bitro version.
+      parameters, the bitro version, ``execution`` (where the tiles ran) and ``skipped_tiles``.
     """
     from bitro import __version__
 
@@ -126,6 +149,8 @@ def embed_cells(
     crop_px = crop_um / um_per_px
     seed = resolve_seed(seed)
 
+    check_parallel_args(client, scheduler, on_error)
+
     enc = get_encoder(encoder)
     dev = None
     if hasattr(enc, "module"):
@@ -135,20 +160,39 @@ def embed_cells(
         dev = resolve_device(device)
         enc.to(dev)
     data = image.data
+    run_info = execution_info(client, scheduler)
+    skipped: list[list[int]] = []
+
+    def run(func: Callable[..., Any], items: list[Any], boxes: list[Any], shared: Any, desc: str) -> list[Any]:
+        results, skip = map_tiles(
+            func,
+            items,
+            data,
+            boxes=boxes,
+            shared=shared,
+            client=client,
+            scheduler=scheduler,
+            on_error=on_error,
+            image_name=image_key,
+            desc=desc,
+        )
+        skipped.extend(skip)
+        return results
+
     if enc.kind == "mask":
         shapes = get_shapes(sdata, K.shapes_key(cells_key), hint=_SEGMENT_HINT)
         polygons = _polygons_for(table, shapes, downsample)
-        feats = _embed_morphology(enc, data, xy, polygons, um_per_px, tile_size)
+        feats = _embed_morphology(enc, data, xy, polygons, um_per_px, tile_size, run)
         feats = np.concatenate([feats, enc.density_features(xy0 * mpp0)], axis=1)
         used_mode = "mask"
     elif mode == "crop":
-        feats = _embed_crops(enc, data, xy, crop_px, tile_size, batch_size)
+        feats = _embed_crops(enc, data, xy, crop_px, tile_size, batch_size, run)
         used_mode = "crop"
     else:
         if not enc.supports_tiles:
             msg = f"Encoder {enc.name!r} has no feature map, so it cannot run in tile mode; use mode='crop'."
             raise ValueError(msg)
-        feats = _embed_tiles(enc, data, xy, crop_px, tile_size, um_per_px)
+        feats = _embed_tiles(enc, data, xy, crop_px, tile_size, um_per_px, run)
         used_mode = "tile"
 
     feats = np.asarray(feats, dtype=np.float32)
@@ -162,6 +206,8 @@ def embed_cells(
     prov = {k: v for k, v in enc.provenance().items() if v is not None}
     prov["dim"] = int(feats.shape[1])
     prov["bitro_version"] = __version__
+    prov["execution"] = run_info
+    prov["skipped_tiles"] = skipped
     prov["params"] = {
         "image_key": image_key,
         "mode": used_mode,
@@ -212,68 +258,88 @@ def _crop_starts(xy: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # the three ways of embedding
 # ----------------------------------------------------------------------------------------------------------
+def _finish(results: list[Any], n: int, out: np.ndarray | None = None) -> np.ndarray | None:
+    """Scatter the ``(idx, features)`` of each tile (``None`` = skipped) into one ``(n, d)`` array."""
+    for res in results:
+        if res is None:
+            continue
+        idx, f = res
+        if out is None:
+            out = np.zeros((n, f.shape[1]), dtype=np.float32)
+        out[idx] = f
+    return out
+
+
 def _embed_crops(
-    enc: Encoder, data: Any, xy: np.ndarray, crop_px: float, tile_size: int, batch_size: int
+    enc: Encoder, data: Any, xy: np.ndarray, crop_px: float, tile_size: int, batch_size: int, run: RunTiles
 ) -> np.ndarray:
     size = max(1, round(crop_px))
     margin = size / 2 + 2
-    out: np.ndarray | None = None
-    buf_idx: list[np.ndarray] = []
-    buf_crops: list[np.ndarray] = []
-
-    def flush() -> None:
-        nonlocal out
-        idx, crops = np.concatenate(buf_idx), np.concatenate(buf_crops)
-        buf_idx.clear()
-        buf_crops.clear()
-        for s in range(0, len(idx), batch_size):
-            f = enc.embed_crops(crops[s : s + batch_size])
-            if out is None:
-                out = np.zeros((len(xy), f.shape[1]), dtype=np.float32)
-            out[idx[s : s + batch_size]] = f
-
-    groups = _group_by_tile(xy, data.shape[1:], tile_size)
-    for idx in progress(groups, desc=f"embedding cells ({enc.name}, crops)", unit="tile"):
+    # tiles are grouped until a group holds >= batch_size cells: one forward pass per batch_size crops
+    items: list[tuple[Any, ...]] = []
+    boxes: list[list[tuple[int, int, int, int]]] = []
+    idx_list: list[np.ndarray] = []
+    starts_list: list[np.ndarray] = []
+    box_list: list[tuple[int, int, int, int]] = []
+    for idx in _group_by_tile(xy, data.shape[1:], tile_size):
         y0, x0, y1, x1 = _box_around(xy[idx], margin)
-        tile = read_box(data, (y0, x0, y1, x1))
-        starts = _crop_starts(xy[idx], size) - np.array([x0, y0])
-        crops = np.stack([tile[sy : sy + size, sx : sx + size] for sx, sy in starts])
-        buf_idx.append(idx)
-        buf_crops.append(crops)
-        if sum(len(i) for i in buf_idx) >= batch_size:
-            flush()
-    if buf_idx:
-        flush()
+        idx_list.append(idx)
+        starts_list.append(_crop_starts(xy[idx], size) - np.array([x0, y0]))
+        box_list.append((y0, x0, y1, x1))
+        if sum(len(i) for i in idx_list) >= batch_size:
+            items.append((idx_list, starts_list, size, batch_size))
+            boxes.append(box_list)
+            idx_list, starts_list, box_list = [], [], []
+    if idx_list:
+        items.append((idx_list, starts_list, size, batch_size))
+        boxes.append(box_list)
+    results = run(_crop_features, items, boxes, enc, f"embedding cells ({enc.name}, crops)")
+    out = _finish(results, len(xy))
     return out if out is not None else np.zeros((0, enc.dim or 0), dtype=np.float32)
+
+
+def _crop_features(tiles: list[np.ndarray], item: tuple[Any, ...], enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
+    """Crops of a group of tiles, embedded ``batch_size`` at a time (runs on a dask worker when parallel)."""
+    idx_list, starts_list, size, batch_size = item
+    crops = np.concatenate(
+        [
+            np.stack([tile[sy : sy + size, sx : sx + size] for sx, sy in starts])
+            for tile, starts in zip(tiles, starts_list, strict=True)
+        ]
+    )
+    idx = np.concatenate(idx_list)
+    feats = [enc.embed_crops(crops[s : s + batch_size]) for s in range(0, len(idx), batch_size)]
+    return idx, np.concatenate(feats)
 
 
 def _embed_tiles(
-    enc: Encoder, data: Any, xy: np.ndarray, crop_px: float, tile_size: int, um_per_px: float
+    enc: Encoder, data: Any, xy: np.ndarray, crop_px: float, tile_size: int, um_per_px: float, run: RunTiles
 ) -> np.ndarray:
     factor = um_per_px / enc.mpp if enc.mpp else 1.0
     margin = math.ceil(crop_px)
-    out: np.ndarray | None = None
-    groups = _group_by_tile(xy, data.shape[1:], tile_size)
-    for idx in progress(groups, desc=f"embedding cells ({enc.name}, tiles)", unit="tile"):
+    items, boxes = [], []
+    for idx in _group_by_tile(xy, data.shape[1:], tile_size):
         y0, x0, y1, x1 = _box_around(xy[idx], margin)
-        tile = read_box(data, (y0, x0, y1, x1))
-        if factor != 1.0:
-            from skimage.transform import resize
-
-            shape = (max(1, round(tile.shape[0] * factor)), max(1, round(tile.shape[1] * factor)))
-            tile = resize(tile, shape, order=1, preserve_range=True, anti_aliasing=factor < 1).astype(
-                np.uint8
-            )
-        fmap = enc.feature_map(tile)
-        if fmap is None:
-            msg = f"Encoder {enc.name!r} returned no feature map, so it cannot run in tile mode; use mode='crop'."
-            raise ValueError(msg)
-        pos = (xy[idx] - np.array([x0, y0])) * factor
-        f = _pool_windows(fmap, pos, stride=float(enc.stride), window=crop_px * factor)
-        if out is None:
-            out = np.zeros((len(xy), f.shape[1]), dtype=np.float32)
-        out[idx] = f
+        items.append((idx, (xy[idx] - np.array([x0, y0])) * factor, factor, crop_px * factor))
+        boxes.append((y0, x0, y1, x1))
+    results = run(_tile_features, items, boxes, enc, f"embedding cells ({enc.name}, tiles)")
+    out = _finish(results, len(xy))
     return out if out is not None else np.zeros((0, enc.dim or 0), dtype=np.float32)
+
+
+def _tile_features(tile: np.ndarray, item: tuple[Any, ...], enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
+    """One forward pass on a tile, pooled at its cells (runs on a dask worker when parallel)."""
+    idx, pos, factor, window = item
+    if factor != 1.0:
+        from skimage.transform import resize
+
+        shape = (max(1, round(tile.shape[0] * factor)), max(1, round(tile.shape[1] * factor)))
+        tile = resize(tile, shape, order=1, preserve_range=True, anti_aliasing=factor < 1).astype(np.uint8)
+    fmap = enc.feature_map(tile)
+    if fmap is None:
+        msg = f"Encoder {enc.name!r} returned no feature map, so it cannot run in tile mode; use mode='crop'."
+        raise ValueError(msg)
+    return idx, _pool_windows(fmap, pos, stride=float(enc.stride), window=window)
 
 
 def _pool_windows(fmap: np.ndarray, pos_xy: np.ndarray, *, stride: float, window: float) -> np.ndarray:
@@ -337,31 +403,46 @@ def _polygons_for(table: Any, shapes: Any, downsample: np.ndarray) -> list[np.nd
 
 
 def _embed_morphology(
-    enc: Any, data: Any, xy: np.ndarray, polygons: list[np.ndarray], um_per_px: float, tile_size: int
+    enc: Any,
+    data: Any,
+    xy: np.ndarray,
+    polygons: list[np.ndarray],
+    um_per_px: float,
+    tile_size: int,
+    run: RunTiles,
 ) -> np.ndarray:
-    from skimage.draw import polygon as draw_polygon
-
     bounds = np.array([[*p.min(axis=0), *p.max(axis=0)] for p in polygons]).reshape(-1, 4)  # x0 y0 x1 y1
     ring_px = enc.ring_um / um_per_px
-    out = np.zeros((len(xy), enc.dim - len(enc.density_radii_um)), dtype=np.float32)
-    groups = _group_by_tile(xy, data.shape[1:], tile_size)
-    for idx in progress(groups, desc="embedding cells (morphology)", unit="tile"):
+    items, boxes = [], []
+    for idx in _group_by_tile(xy, data.shape[1:], tile_size):
         corners = np.concatenate([bounds[idx, :2], bounds[idx, 2:]])
         y0, x0, y1, x1 = _box_around(corners, ring_px + 2)
-        tile = read_box(data, (y0, x0, y1, x1))
         near = np.flatnonzero(
             (bounds[:, 2] >= x0) & (bounds[:, 0] < x1) & (bounds[:, 3] >= y0) & (bounds[:, 1] < y1)
         )
         near = np.setdiff1d(near, idx)
         cells = np.concatenate([near, idx])  # the tile's own cells are drawn last
-        labels = np.zeros(tile.shape[:2], dtype=np.int32)
-        for lab, c in enumerate(cells, start=1):
-            rr, cc = draw_polygon(polygons[c][:, 1] - y0, polygons[c][:, 0] - x0, shape=labels.shape)
-            labels[rr, cc] = lab
-        own = np.arange(len(near) + 1, len(cells) + 1)
-        present = np.bincount(labels.ravel(), minlength=len(cells) + 1)[own] > 0
-        for lab in own[~present]:  # nuclei too small to rasterise: keep their centroid pixel
-            cx, cy = np.round(xy[cells[lab - 1]] - np.array([x0, y0])).astype(int)
-            labels[np.clip(cy, 0, labels.shape[0] - 1), np.clip(cx, 0, labels.shape[1] - 1)] = lab
-        out[idx] = enc.embed_masks(tile, labels, own, um_per_px=um_per_px)
-    return out
+        rings = [(polygons[c][:, 1] - y0, polygons[c][:, 0] - x0) for c in cells]
+        items.append((idx, len(near), rings, xy[cells] - np.array([x0, y0]), um_per_px))
+        boxes.append((y0, x0, y1, x1))
+    results = run(_morphology_features, items, boxes, enc, "embedding cells (morphology)")
+    out = np.zeros((len(xy), enc.dim - len(enc.density_radii_um)), dtype=np.float32)
+    return _finish(results, len(xy), out)
+
+
+def _morphology_features(tile: np.ndarray, item: tuple[Any, ...], enc: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Rasterise a tile's nuclei (neighbours first) and measure its own (runs on a dask worker when parallel)."""
+    from skimage.draw import polygon as draw_polygon
+
+    idx, n_near, rings, xy_local, um_per_px = item
+    n_cells = len(rings)
+    labels = np.zeros(tile.shape[:2], dtype=np.int32)
+    for lab, (rows, cols) in enumerate(rings, start=1):
+        rr, cc = draw_polygon(rows, cols, shape=labels.shape)
+        labels[rr, cc] = lab
+    own = np.arange(n_near + 1, n_cells + 1)
+    present = np.bincount(labels.ravel(), minlength=n_cells + 1)[own] > 0
+    for lab in own[~present]:  # nuclei too small to rasterise: keep their centroid pixel
+        cx, cy = np.round(xy_local[lab - 1]).astype(int)
+        labels[np.clip(cy, 0, labels.shape[0] - 1), np.clip(cx, 0, labels.shape[1] - 1)] = lab
+    return idx, enc.embed_masks(tile, labels, own, um_per_px=um_per_px)

@@ -3,24 +3,27 @@
 The image is cut into a grid of core squares (:func:`bitro.pp._tiles.tile_grid`); each tile is
 read with an overlap larger than the largest nucleus, segmented on its own, and a nucleus is kept
 only by the tile whose core contains its centroid — so each nucleus is kept exactly once and never
-cut by a tile edge. Only one tile is in memory at a time.
+cut by a tile edge. Only one tile is in memory at a time (one per worker thread when the tiles run on
+dask, see :mod:`bitro.pp._parallel`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
 from bitro import _keys as K
 from bitro._logging import logger
-from bitro._settings import progress, resolve_seed
+from bitro._settings import resolve_seed
 from bitro._validate import check_key, check_not_exists
 from bitro.io._build import get_image, get_mpp
 from bitro.io._cells import write_cells
+from bitro.pp._parallel import check_parallel_args, execution_info, map_tiles
 from bitro.pp._tiles import Tile, read_box, tile_grid
 from bitro.pp._watershed import (
     WatershedParams,
@@ -216,6 +219,24 @@ def _cells_of_tile(
     return polygons, centroids, rows
 
 
+def _segment_one(
+    rgb: np.ndarray,
+    tile: Tile,
+    *,
+    method: str | Method,
+    mpp: float,
+    threshold: float | None,
+    params: WatershedParams,
+    area_range: tuple[float, float],
+) -> tuple[list[Any], list[tuple[float, float]], list[dict[str, float]]]:
+    """Segment one read box and keep the nuclei of its core (runs on a dask worker when parallel)."""
+    if method == "watershed":
+        labels = segment_tile(rgb, mpp, threshold=threshold, params=params)
+    else:
+        labels = _check_labels(method(rgb, mpp), rgb.shape[:2])
+    return _cells_of_tile(rgb, labels, tile, mpp, area_range)
+
+
 def segment_cells(
     sdata: sd.SpatialData,
     *,
@@ -231,6 +252,9 @@ def segment_cells(
     key_added: str = K.CELLS,
     overwrite: bool = False,
     seed: int | None = None,
+    client: Any = None,
+    scheduler: str | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
 ) -> None:
     """Segment nuclei tile by tile and write them as polygons and a cell table.
 
@@ -274,6 +298,19 @@ def segment_cells(
         Replace an existing table/shapes of that name.
     seed
         Seed for choosing the threshold sample boxes (when there are more than 16).
+    client
+        A ``distributed.Client`` to run the tiles on a dask cluster (local or remote), one task per
+        tile. ``None``: the client active in this process if there is one, else the tiles run one
+        after the other in this process. The threshold is fixed once beforehand, so the result is
+        the same however the tiles run. A callable ``method`` must be picklable (cloudpickle) for
+        process-based workers.
+    scheduler
+        ``"threads"``, ``"processes"`` or ``"synchronous"``: run the tiles with plain dask instead
+        (no cluster). Not together with ``client``.
+    on_error
+        ``"raise"``: a tile that cannot be read (e.g. a corrupt chunk) stops the run with an error
+        naming the image and tile box. ``"skip"``: such tiles (and tiles whose segmentation fails)
+        are skipped with a warning and listed in ``uns[key_added]["skipped_tiles"]``.
 
     Returns
     -------
@@ -283,7 +320,8 @@ def segment_cells(
     - ``tables[key_added]``: ``obsm["spatial"]`` centroids (x = column, y = row, level-0 pixels,
       float32); ``obs`` ``area_um2``, ``perimeter_um``, ``eccentricity``, ``solidity``,
       ``mean_hematoxylin`` (mean hematoxylin optical density); ``obs_names`` ``cell_0 …``;
-      ``uns[key_added]`` method, parameters, threshold, tiling and seed.
+      ``uns[key_added]`` method, parameters, threshold, tiling, seed, ``execution`` (where the tiles
+      ran) and ``skipped_tiles`` (read boxes ``[y0, x0, y1, x1]`` skipped with ``on_error="skip"``).
 
     With no nucleus found the table is empty, no shapes are written and a warning is logged.
     """
@@ -301,6 +339,7 @@ def segment_cells(
     check_not_exists(key_added, sdata.tables, what="table", overwrite=overwrite)
     check_not_exists(K.shapes_key(key_added), sdata.shapes, what="shapes element", overwrite=overwrite)
     method = _resolve_method(method)
+    check_parallel_args(client, scheduler, on_error)
     params = replace(params or WatershedParams(), min_area_um2=min_area_um2, max_area_um2=max_area_um2)
     if int(tile_size) < 16:
         msg = f"tile_size must be at least 16 pixels, got {tile_size}."
@@ -323,20 +362,34 @@ def segment_cells(
 
     if method == "watershed" and threshold is None:
         threshold = _slide_threshold(data, shape_yx, mpp, params, mask, seed)
+    name = method if isinstance(method, str) else getattr(method, "__name__", type(method).__name__)
+    run_info = execution_info(client, scheduler)
+    per_tile = partial(
+        _segment_one,
+        method=method,
+        mpp=mpp,
+        threshold=threshold,
+        params=params,
+        area_range=(params.min_area_um2, params.max_area_um2),
+    )
+    results, skipped = map_tiles(
+        per_tile,
+        todo,
+        data,
+        client=client,
+        scheduler=scheduler,
+        on_error=on_error,
+        image_name=image_key,
+        desc=f"segmenting nuclei ({name})",
+    )
     polygons: list[Any] = []
     centroids: list[tuple[float, float]] = []
     rows: list[dict[str, float]] = []
-    name = method if isinstance(method, str) else getattr(method, "__name__", type(method).__name__)
-    for tile in progress(todo, desc=f"segmenting nuclei ({name})", unit="tile"):
-        rgb = read_box(data, tile.box)
-        if method == "watershed":
-            labels = segment_tile(rgb, mpp, threshold=threshold, params=params)
-        else:
-            labels = _check_labels(method(rgb, mpp), rgb.shape[:2])
-        p, c, r = _cells_of_tile(rgb, labels, tile, mpp, (params.min_area_um2, params.max_area_um2))
-        polygons += p
-        centroids += c
-        rows += r
+    for res in results:
+        if res is not None:
+            polygons += res[0]
+            centroids += res[1]
+            rows += res[2]
     obs = pd.DataFrame(
         rows, columns=["area_um2", "perimeter_um", "eccentricity", "solidity", "mean_hematoxylin"]
     )
@@ -358,6 +411,8 @@ def segment_cells(
         "tissue_key": tissue_key if mask is not None else None,
         "mpp": mpp,
         "seed": seed,
+        "execution": run_info,
+        "skipped_tiles": skipped,
     }
     write_cells(
         sdata,
