@@ -178,6 +178,7 @@ def client():
         yield client
 
 
+@pytest.mark.slow
 def test_distributed_run_gives_the_sequential_outputs(client, reference, slides, tmp_path):
     ref, _ = reference
     out = tmp_path / "out"
@@ -188,6 +189,7 @@ def test_distributed_run_gives_the_sequential_outputs(client, reference, slides,
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "s0.zarr", "s1.zarr", "s2.zarr"]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_slide_is_retried(client, slides, tmp_path):
     marker = tmp_path / "killed"
 
