@@ -288,7 +288,10 @@ def test_preprocess_cohort_skips_done_slides_and_reports_failures(synthetic_zarr
     captured = capsys.readouterr()
     assert "1 of 2 slides failed: bad (" in captured.err
     assert "cohort: 1 written, 0 skipped, 1 failed" in captured.out
-    assert sorted(p.name for p in folder.iterdir()) == ["syn.zarr"]  # nothing half-written for "bad"
+    # nothing half-written for "bad"; manifest.json records both slides (bt.pp.run_pipeline)
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "syn.zarr"]
+    status = {k: v["status"] for k, v in json.loads((folder / "manifest.json").read_text())["slides"].items()}
+    assert status == {"syn": "done", "bad": "failed"}
     done = sd.read_zarr(folder / "syn.zarr")
     assert "patches" in done.tables and "patch_id" in done.tables["cells"].obs
 

@@ -20,9 +20,8 @@ from typing import Any
 
 from bitro import _keys as K
 from bitro._logging import logger
-
-READERS = ("st", "hest", "visium", "wsi", "zarr")
-_SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".png", ".jpg", ".jpeg"}
+from bitro.io._read import guess_reader as _guess_reader
+from bitro.io._read import read_sdata
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -108,21 +107,6 @@ def rewrite_tables(sdata: Any, names: list[str]) -> None:
             _remove(backup)
 
 
-def read_sdata(path: str | Path) -> Any:
-    """Read a SpatialData zarr store, with a clear error for missing or unreadable stores."""
-    import spatialdata as sd
-
-    path = Path(path)
-    if not path.exists():
-        msg = f"{str(path)!r} not found; give the path of a SpatialData zarr store (e.g. written by `bitro preprocess`)."
-        raise FileNotFoundError(msg)
-    try:
-        return sd.read_zarr(path)
-    except Exception as err:
-        msg = f"{str(path)!r} is not a readable SpatialData zarr store ({type(err).__name__}: {err})."
-        raise ValueError(msg) from err
-
-
 def read_genes(path: str | Path | None) -> list[str] | None:
     """Read a gene list: ``.npy`` (1-D array of names) or text (one gene per line, ``#`` comments)."""
     if path is None:
@@ -202,18 +186,7 @@ class Job:
 
 def guess_reader(path: Path) -> str:
     """Pick a reader from the input path (``--reader`` overrides)."""
-    if path.suffix == ".zarr" or (
-        path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup"))
-    ):
-        return "zarr"
-    if path.is_dir() and (path / "spatial").is_dir():
-        return "visium"
-    if path.is_dir() and (path / "st").is_dir() and (path / "wsis").is_dir():
-        return "hest"
-    if path.suffix.lower() in _SLIDE_SUFFIXES:
-        return "wsi"
-    msg = f"cannot tell which reader to use for {str(path)!r}; pass --reader {{{','.join(READERS)}}}."
-    raise ValueError(msg)
+    return _guess_reader(path, option="--reader ")
 
 
 def _read_bulk(path: str | None) -> Any:
@@ -325,53 +298,47 @@ def make_jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def preprocess_sdata(sdata: Any, args: argparse.Namespace) -> Any:
-    """Stain normalisation → tissue → segmentation → embedding → spot assignment or patches."""
-    import bitro as bt
+def _require_cells(sdata: Any) -> None:
+    """``--segment none``: the input must bring its own cells table."""
+    _table_name(sdata, K.CELLS)
 
-    ow = args.overwrite
-    image = K.IMAGE
-    if args.stain != "none":
-        bt.pp.normalize_stains(sdata, image_key=K.IMAGE, method=args.stain, overwrite=ow, seed=args.seed)
-        image = K.IMAGE_NORMALIZED
-    bt.pp.detect_tissue(sdata, image_key=image, overwrite=ow)
-    if args.segment == "none":
-        _table_name(sdata, K.CELLS)
-    else:
-        bt.pp.segment_cells(sdata, image_key=image, method=args.segment, overwrite=ow, seed=args.seed)
-    bt.pp.embed_cells(
-        sdata,
-        image_key=image,
+
+def _require_spots(sdata: Any) -> None:
+    """``--assign``: the slide must have spots."""
+    _table_name(sdata, K.SPOTS)
+
+
+def pipeline_options(args: argparse.Namespace) -> Any:
+    """The :func:`bitro.pp.run_pipeline` steps and options that ``bitro preprocess`` asks for."""
+    from bitro.pp._pipeline import pipeline_options as options
+
+    steps: list[Any] = [] if args.stain == "none" else ["normalize_stains"]
+    steps += ["detect_tissue", _require_cells if args.segment == "none" else "segment_cells", "embed_cells"]
+    steps += {"assign": [_require_spots, "assign_cells"], "patches": ["make_patches"], None: ["bags"]}[args.bags]
+    return options(
+        steps,
+        stain_method=args.stain,
+        segment_method=args.segment,
         encoder=args.encoder,
         mode=args.mode,
+        patch_um=args.patch_um,
         device=args.device,
-        overwrite=ow,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
-    bags = args.bags or ("assign" if K.SPOTS in sdata.tables else "patches")
-    if bags == "assign":
-        _table_name(sdata, K.SPOTS)
-        bt.pp.assign_cells(sdata, overwrite=ow)
-    elif bags == "patches":
-        bt.pp.make_patches(sdata, size_um=args.patch_um, overwrite=ow)
-    cells = sdata.tables[K.CELLS]
-    logger.info(
-        "%d cells embedded (%s, %d features); bags: %s",
-        cells.n_obs,
-        args.encoder,
-        cells.obsm[K.EMBEDDING].shape[1],
-        bags,
-    )
-    return sdata
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    """``bitro preprocess``: one slide to one zarr, or a cohort into a folder (resumable)."""
+    """``bitro preprocess``: one slide to one zarr, or a cohort into a folder (resumable, see ``run_pipeline``)."""
+    import bitro as bt
+    from bitro.pp._pipeline import apply_steps
+
     check_device(args.device)
     jobs = make_jobs(args)
+    options = pipeline_options(args)
     if not args.cohort:
         target = check_output(args.out, overwrite=args.overwrite)
-        sdata = preprocess_sdata(jobs[0].read(), args)
+        sdata = apply_steps(jobs[0].read(), options)
         write_sdata(sdata, target, overwrite=args.overwrite)
         out(str(target))
         return 0
@@ -379,30 +346,34 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if folder.exists() and not folder.is_dir():
         msg = f"--out {str(folder)!r} is a file; with --cohort it must be a folder."
         raise ValueError(msg)
-    folder.mkdir(parents=True, exist_ok=True)
-    done, skipped, failed = [], [], []
-    for i, job in enumerate(jobs, 1):
-        target = folder / f"{job.name}.zarr"
-        if target.exists() and not args.overwrite:
-            logger.info("[%d/%d] %s: skipped (%s exists)", i, len(jobs), job.name, target)
-            out(f"skipped {job.name}: {target} exists")
-            skipped.append(job.name)
-            continue
-        logger.info("[%d/%d] %s: preprocessing", i, len(jobs), job.name)
-        try:
-            sdata = preprocess_sdata(job.read(), args)
-            write_sdata(sdata, target, overwrite=args.overwrite)
-        except Exception as err:  # one bad slide must not stop the cohort
-            logger.debug("slide %s failed", job.name, exc_info=True)
-            logger.error("[%d/%d] %s: failed: %s", i, len(jobs), job.name, _message(err))
-            failed.append((job.name, _message(err)))
-            continue
-        out(f"written {job.name}: {target}")
-        done.append(job.name)
-    out(f"cohort: {len(done)} written, {len(skipped)} skipped, {len(failed)} failed")
+    report = bt.pp.run_pipeline(
+        {job.name: job.read for job in jobs},
+        out=folder,
+        steps=options.steps,
+        stain_method=options.stain_method,
+        segment_method=options.segment_method,
+        encoder=options.encoder,
+        mode=options.mode,
+        patch_um=options.patch_um,
+        device=options.device,
+        seed=options.seed,
+        retries=0,
+        client=False,
+        overwrite=args.overwrite,
+    )
+    for row in report.itertuples():
+        target = folder / f"{row.name}.zarr"
+        if row.status == "skipped":
+            out(f"skipped {row.name}: {target} exists")
+        elif row.status == "done":
+            out(f"written {row.name}: {target}")
+    counts = report["status"].value_counts()
+    done, skipped, failed = (int(counts.get(s, 0)) for s in ("done", "skipped", "failed"))
+    out(f"cohort: {done} written, {skipped} skipped, {failed} failed")
     if failed:
-        listing = "; ".join(f"{n} ({m})" for n, m in failed)
-        sys.stderr.write(f"error: {len(failed)} of {len(jobs)} slides failed: {listing}\n")
+        bad = report[report["status"] == "failed"]
+        listing = "; ".join(f"{n} ({m})" for n, m in zip(bad["name"], bad["error"], strict=True))
+        sys.stderr.write(f"error: {failed} of {len(report)} slides failed: {listing}\n")
         return 1
     return 0
 

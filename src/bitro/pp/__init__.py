@@ -16,6 +16,7 @@ _EXPORTS = {
     "assign_cells": "._bags",
     "make_patches": "._bags",
     "cell_graph": "._bags",
+    "run_pipeline": "._pipeline",
     "select_genes": "._genes",
     "FeatureProjection": "._reduce",
     "PhenotypeModel": "._reduce",

@@ -1,0 +1,547 @@
+"""Cohort runs: every slide through the preprocessing steps into ``out/<name>.zarr``, resumably.
+
+Each slide is written to a hidden ``out/.<name>.zarr.partial-<pid>`` folder and renamed to
+``out/<name>.zarr`` only when complete, so the presence of ``out/<name>.zarr`` means *finished*.
+``out/manifest.json`` (replaced atomically after every change) records each slide's status, time,
+cell count and error. A restarted run removes partial folders left by a killed run, skips finished
+slides and redoes the others. With a ``dask.distributed`` client, one task per slide is submitted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bitro import _keys as K
+from bitro._logging import logger
+from bitro._settings import progress, resolve_seed, settings
+
+STEPS = ("normalize_stains", "detect_tissue", "segment_cells", "embed_cells", "assign_cells")
+KNOWN_STEPS = (*STEPS, "make_patches", "bags")
+MANIFEST = "manifest.json"
+COLUMNS = ("name", "status", "seconds", "n_cells", "error")
+_PARTIAL = re.compile(r"^\..+\.zarr\.partial-\d+(\.old)?$")
+
+Step = str | Callable[[Any], Any]
+
+
+# ------------------------------------------------------------------------------------------ steps
+@dataclass(frozen=True)
+class PipelineOptions:
+    """What :func:`apply_steps` runs on each slide (built and validated by :func:`pipeline_options`)."""
+
+    steps: tuple[Step, ...]
+    stain_method: str = "vahadane"
+    segment_method: str = "watershed"
+    encoder: Any = "efficientnet_lite0"
+    mode: str = "tile"
+    patch_um: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+    step_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+def pipeline_options(
+    steps: Sequence[Step] = STEPS,
+    *,
+    step_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    **options: Any,
+) -> PipelineOptions:
+    """Check the steps and fill the defaults (seed and device from ``bt.settings``)."""
+    if isinstance(steps, str) or callable(steps):
+        steps = [steps]
+    steps = tuple(steps)
+    for step in steps:
+        if not callable(step) and step not in KNOWN_STEPS:
+            msg = f"unknown step {step!r}; use one of {KNOWN_STEPS} or a function taking the SpatialData."
+            raise ValueError(msg)
+    if not steps:
+        msg = f"steps is empty; give some of {KNOWN_STEPS}."
+        raise ValueError(msg)
+    step_kwargs = dict(step_kwargs or {})
+    for name in step_kwargs:
+        if name not in KNOWN_STEPS:
+            msg = f"step_kwargs has unknown step {name!r}; keys must be among {KNOWN_STEPS}."
+            raise ValueError(msg)
+    return PipelineOptions(
+        steps=steps,
+        seed=resolve_seed(seed),
+        device=settings.device if device is None else device,
+        step_kwargs=step_kwargs,
+        **options,
+    )
+
+
+def _has_spots(sdata: Any) -> bool:
+    return K.SPOTS in sdata.tables
+
+
+def apply_steps(sdata: Any, options: PipelineOptions) -> Any:
+    """Run ``options.steps`` on one slide, in place; later steps use the stain-normalised image."""
+    import bitro as bt
+
+    ow, seed = options.overwrite, options.seed
+    image = K.IMAGE
+    bags = []
+    for step in options.steps:
+        if callable(step):
+            step(sdata)
+            continue
+        extra = dict(options.step_kwargs.get(step, {}))
+        if step == "bags":
+            step = "assign_cells" if _has_spots(sdata) else "make_patches"
+            extra = dict(options.step_kwargs.get(step, {})) | extra
+        if step == "normalize_stains":
+            kw = {"image_key": K.IMAGE, "method": options.stain_method, "overwrite": ow, "seed": seed}
+            kw |= extra
+            bt.pp.normalize_stains(sdata, **kw)
+            image = kw.get("key_added", K.IMAGE_NORMALIZED)
+        elif step == "detect_tissue":
+            bt.pp.detect_tissue(sdata, **({"image_key": image, "overwrite": ow} | extra))
+        elif step == "segment_cells":
+            kw = {"image_key": image, "method": options.segment_method, "overwrite": ow, "seed": seed}
+            bt.pp.segment_cells(sdata, **(kw | extra))
+        elif step == "embed_cells":
+            kw = {"image_key": image, "encoder": options.encoder, "mode": options.mode}
+            kw |= {"device": options.device, "overwrite": ow, "seed": seed}
+            bt.pp.embed_cells(sdata, **(kw | extra))
+        elif step == "assign_cells":
+            if not _has_spots(sdata):
+                logger.info("no %r table: assign_cells skipped", K.SPOTS)
+                continue
+            bt.pp.assign_cells(sdata, **({"overwrite": ow} | extra))
+            bags.append("assign")
+        elif step == "make_patches":
+            bt.pp.make_patches(sdata, **({"size_um": options.patch_um, "overwrite": ow} | extra))
+            bags.append("patches")
+    if K.CELLS in sdata.tables:
+        cells = sdata.tables[K.CELLS]
+        features = cells.obsm[K.EMBEDDING].shape[1] if K.EMBEDDING in cells.obsm else 0
+        logger.info("%d cells, %d features; bags: %s", cells.n_obs, features, "+".join(bags) or "none")
+    return sdata
+
+
+# --------------------------------------------------------------------------------------- one slide
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fresh(sdata: Any) -> Any:
+    """A new SpatialData sharing the (lazy) images, labels, points and shapes, with copied tables.
+
+    Steps add elements and table columns; working on a copy leaves the caller's object unchanged
+    and lets a retry start from the original again.
+    """
+    import spatialdata as sd
+
+    return sd.SpatialData(
+        images=dict(sdata.images),
+        labels=dict(sdata.labels),
+        points=dict(sdata.points),
+        shapes=dict(sdata.shapes),
+        tables={k: v.copy() for k, v in sdata.tables.items()},
+        attrs=copy.deepcopy(dict(sdata.attrs)),
+    )
+
+
+def _load(source: Any, reader: str | None) -> Any:
+    from bitro.io._read import read_path
+
+    if isinstance(source, str | Path):
+        return read_path(source, reader=reader)
+    if callable(source):
+        return source()
+    return _fresh(source)
+
+
+def _write(sdata: Any, out: Path, name: str, *, overwrite: bool) -> Path:
+    """Write ``out/<name>.zarr`` through a partial folder renamed into place when complete."""
+    target = out / f"{name}.zarr"
+    partial = out / f".{name}.zarr.partial-{os.getpid()}"
+    aside = partial.with_name(f"{partial.name}.old")
+    _remove(partial)
+    try:
+        with warnings.catch_warnings():  # zarr warns about autosharding once per array
+            warnings.filterwarnings("ignore", message=".*autosharding", category=UserWarning)
+            sdata.write(partial, update_sdata_path=False)
+        if target.exists() or target.is_symlink():
+            if not overwrite:
+                msg = f"{str(target)!r} appeared while slide {name!r} was processed; not replaced."
+                raise FileExistsError(msg)
+            target.rename(aside)
+        partial.rename(target)
+    except BaseException:
+        _remove(partial)
+        if aside.exists() and not target.exists():
+            aside.rename(target)
+        raise
+    _remove(aside)
+    return target
+
+
+@contextlib.contextmanager
+def _settings_as(values: Mapping[str, Any] | None) -> Iterator[None]:
+    if values is None:
+        yield
+        return
+    old = {k: getattr(settings, k) for k in values}
+    try:
+        for k, v in values.items():
+            setattr(settings, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(settings, k, v)
+
+
+def _process_slide(
+    name: str,
+    source: Any,
+    out: str,
+    options: PipelineOptions,
+    reader: str | None = None,
+    worker_settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Read, preprocess and write one slide; return its cell count and seconds (raises on failure)."""
+    start = time.perf_counter()
+    with _settings_as(worker_settings):
+        sdata = apply_steps(_load(source, reader), options)
+        n_cells = sdata.tables[K.CELLS].n_obs if K.CELLS in sdata.tables else None
+        _write(sdata, Path(out), name, overwrite=options.overwrite)
+    return {"n_cells": n_cells, "seconds": round(time.perf_counter() - start, 3)}
+
+
+# ---------------------------------------------------------------------------------------- manifest
+class _Manifest:
+    """``out/manifest.json``: one entry per slide, rewritten atomically (temp file + ``os.replace``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / MANIFEST
+        self.slides: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                self.slides = dict(data["slides"])
+            except (ValueError, KeyError, TypeError) as err:
+                msg = (
+                    f"{str(self.path)!r} is not a bitro pipeline manifest ({err}); move it away or choose "
+                    "another out folder."
+                )
+                raise ValueError(msg) from err
+
+    def status(self, name: str) -> str | None:
+        return self.slides.get(name, {}).get("status")
+
+    def update(self, entries: Mapping[str, Mapping[str, Any]]) -> None:
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        for name, entry in entries.items():
+            self.slides[name] = {**self.slides.get(name, {}), **entry, "updated": now}
+        tmp = self.path.with_name(f".{MANIFEST}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        tmp.write_text(json.dumps({"format": "bitro.pp.run_pipeline", "slides": self.slides}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _remove_partials(folder: Path, names: Sequence[str] | None = None) -> None:
+    """Delete partial folders left by a killed run (only names matching the partial pattern)."""
+    for path in folder.iterdir():
+        if not _PARTIAL.match(path.name):
+            continue
+        if names is not None and not any(path.name.startswith(f".{n}.zarr.partial-") for n in names):
+            continue
+        logger.info("removing %s (left by an interrupted run)", path)
+        _remove(path)
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def _named_inputs(inputs: Any) -> dict[str, Any]:
+    import spatialdata as sd
+
+    if isinstance(inputs, str | Path | sd.SpatialData):
+        inputs = [inputs]
+    if isinstance(inputs, Mapping):
+        named = {str(k): v for k, v in inputs.items()}
+    else:
+        named = {}
+        for item in inputs:
+            if not isinstance(item, str | Path):
+                msg = (
+                    f"inputs must be paths or a dict name → SpatialData, got a {type(item).__name__} "
+                    "without a name; pass e.g. {'slide1': sdata}."
+                )
+                raise TypeError(msg)
+            p = Path(item)
+            name = p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.stem
+            if name in named:
+                msg = f"several inputs would be written as {name!r}.zarr; give inputs with distinct names."
+                raise ValueError(msg)
+            named[name] = p
+    if not named:
+        msg = "inputs is empty; give slide paths or a dict name → SpatialData."
+        raise ValueError(msg)
+    for name in named:
+        if not name or "/" in name or os.sep in name or name.startswith("."):
+            msg = f"slide name {name!r} cannot be a file name in out; use names without '/' or a leading '.'."
+            raise ValueError(msg)
+    return named
+
+
+def _resolve_client(client: Any) -> Any:
+    if client is False:
+        return None
+    if client is not None:
+        return client
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        return default_client()
+    except ValueError:  # no client running
+        return None
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err) or type(err).__name__
+
+
+# -------------------------------------------------------------------------------------------- public
+def run_pipeline(
+    inputs: Sequence[str | Path] | Mapping[str, Any] | str | Path,
+    *,
+    out: str | Path,
+    steps: Sequence[Step] = STEPS,
+    reader: str | None = None,
+    stain_method: str = "vahadane",
+    segment_method: str = "watershed",
+    encoder: Any = "efficientnet_lite0",
+    mode: str = "tile",
+    patch_um: float | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    step_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    retries: int = 1,
+    client: Any = None,
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Preprocess a cohort of slides into ``out/<name>.zarr``, resumably, one slide after another or on dask.
+
+    Each slide is read, run through ``steps`` (by default :func:`~bitro.pp.normalize_stains` →
+    :func:`~bitro.pp.detect_tissue` → :func:`~bitro.pp.segment_cells` → :func:`~bitro.pp.embed_cells` →
+    :func:`~bitro.pp.assign_cells`) and written as a SpatialData zarr store. The store is written to
+    ``out/.<name>.zarr.partial-<pid>`` and renamed to ``out/<name>.zarr`` only when complete, and
+    ``out/manifest.json`` records each slide's status (``running``, ``done``, ``failed``), seconds,
+    cell count and error. Run the same call again after a crash or a kill: partial folders are
+    removed, finished slides are skipped and unfinished or failed ones are redone. Nothing else in
+    ``out`` is touched (an ``out/<name>.zarr`` not written by this function is skipped, never replaced,
+    unless ``overwrite=True``). One run per ``out`` folder at a time.
+
+    A slide that raises is retried ``retries`` times, then recorded as failed; the other slides go on.
+
+    Parameters
+    ----------
+    inputs
+        Slide paths (zarr stores, Visium folders, whole-slide images: anything :mod:`bitro.io` reads
+        from a path alone; each is named after its file, without ``.zarr``), or a dict name → slide,
+        where a slide is a SpatialData object (left unchanged; a copy is processed), a path, or a
+        function without arguments returning a SpatialData (e.g. ``lambda: bt.io.read_st(...)``).
+    out
+        Output folder (created). Slide ``name`` is written to ``out/<name>.zarr``.
+    steps
+        Steps run in order: names among ``"normalize_stains"``, ``"detect_tissue"``,
+        ``"segment_cells"``, ``"embed_cells"``, ``"assign_cells"`` (skipped on slides without a
+        ``"spots"`` table), ``"make_patches"``, ``"bags"`` (``assign_cells`` on slides with spots,
+        ``make_patches`` on the others), or functions called with the slide's SpatialData (modify it
+        in place). Steps after ``normalize_stains`` use the normalised image.
+    reader
+        Reader of path inputs: ``"zarr"``, ``"visium"`` or ``"wsi"`` (default: guessed from each path).
+    stain_method
+        ``method`` of :func:`~bitro.pp.normalize_stains`.
+    segment_method
+        ``method`` of :func:`~bitro.pp.segment_cells`.
+    encoder
+        ``encoder`` of :func:`~bitro.pp.embed_cells` (e.g. ``"morphology"`` for a fast run).
+    mode
+        ``mode`` of :func:`~bitro.pp.embed_cells`.
+    patch_um
+        ``size_um`` of :func:`~bitro.pp.make_patches`.
+    device
+        Device of :func:`~bitro.pp.embed_cells` (default: ``bt.settings.device``).
+    seed
+        Seed of every step (default: ``bt.settings.seed``), the same on every worker.
+    step_kwargs
+        More keyword arguments per step name, e.g. ``{"segment_cells": {"tile_size": 512}}``.
+    retries
+        How often a failing slide is tried again before it is recorded as failed. With a client,
+        dask's own retries (``client.submit(..., retries=retries)``) also cover a worker dying mid-slide.
+    client
+        A :class:`distributed.Client`: one task per slide, results gathered as they complete (``out``
+        must be reachable from the workers). ``None`` uses the active client if there is one;
+        ``False`` (or no client) runs the slides one after another in this process.
+    overwrite
+        Redo finished slides and replace their ``out/<name>.zarr`` (the old store is deleted only once
+        the new one is complete), and let the steps replace existing elements of the inputs.
+
+    Returns
+    -------
+    One row per slide, in input order: ``name``, ``status`` (``"done"``, ``"skipped"`` or
+    ``"failed"``), ``seconds``, ``n_cells`` and ``error`` (the message of the last failure).
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> slides = dict(zip(["a", "b"], bt.datasets.synthetic_tissue(2, size=600, technology="visium")))
+    >>> report = bt.pp.run_pipeline(slides, out="cohort", encoder="morphology")  # doctest: +SKIP
+    """
+    if not isinstance(retries, int) or retries < 0:
+        msg = f"retries must be a non-negative int, got {retries!r}."
+        raise ValueError(msg)
+    options = pipeline_options(
+        steps,
+        step_kwargs=step_kwargs,
+        seed=seed,
+        device=device,
+        stain_method=stain_method,
+        segment_method=segment_method,
+        encoder=encoder,
+        mode=mode,
+        patch_um=patch_um,
+        overwrite=overwrite,
+    )
+    named = _named_inputs(inputs)
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        msg = f"out {str(folder)!r} is a file; give a folder for the cohort's zarr stores."
+        raise ValueError(msg)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = _Manifest(folder)
+    _remove_partials(folder)
+
+    rows: dict[str, dict[str, Any]] = {}
+    pending: list[str] = []
+    for name in named:
+        target = folder / f"{name}.zarr"
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            entry = manifest.slides.get(name)
+            if entry is None:
+                logger.info("%s: skipped (%s exists and is not in %s; left untouched)", name, target, MANIFEST)
+            elif entry.get("status") != "done":  # killed after the rename, before the manifest update
+                manifest.update({name: {"status": "done", "error": None}})
+            n_cells = (entry or {}).get("n_cells")
+            rows[name] = {"status": "skipped", "seconds": 0.0, "n_cells": n_cells, "error": None}
+        else:
+            pending.append(name)
+    if rows:
+        logger.info("%d of %d slides already in %s: skipped", len(rows), len(named), folder)
+
+    client = _resolve_client(client)
+    if pending:
+        manifest.update({n: {"status": "running", "error": None} for n in pending})
+        run = _run_distributed if client is not None else _run_sequential
+        bar = progress(total=len(pending), desc="slides", unit="slide")
+        try:
+            for name, row in run(client, named, pending, folder, options, reader, retries):
+                rows[name] = row
+                manifest.update({name: {k: row[k] for k in ("status", "seconds", "n_cells", "error")}})
+                if row["status"] == "done":
+                    logger.info("%s: done in %.1f s (%s cells)", name, row["seconds"], row["n_cells"])
+                else:
+                    logger.error("%s: failed: %s", name, row["error"])
+                bar.update(1)
+        finally:
+            bar.close()
+        _remove_partials(folder, pending)  # those of workers that died mid-slide
+    table = pd.DataFrame([{"name": n, **rows[n]} for n in named], columns=list(COLUMNS))
+    return table.astype({"n_cells": "Int64"})
+
+
+def _run_sequential(
+    client: Any,
+    named: Mapping[str, Any],
+    pending: Sequence[str],
+    folder: Path,
+    options: PipelineOptions,
+    reader: str | None,
+    retries: int,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    for i, name in enumerate(pending, 1):
+        logger.info("[%d/%d] %s: preprocessing", i, len(pending), name)
+        start = time.perf_counter()
+        for attempt in range(retries + 1):
+            try:
+                result = _process_slide(name, named[name], str(folder), options, reader)
+            except Exception as err:  # one bad slide must not stop the cohort
+                logger.debug("slide %s failed", name, exc_info=True)
+                error = _message(err)
+                if attempt < retries:
+                    logger.warning("%s: attempt %d failed (%s); retrying", name, attempt + 1, error)
+                continue
+            yield name, {"status": "done", **result, "error": None}
+            break
+        else:
+            seconds = round(time.perf_counter() - start, 3)
+            yield name, {"status": "failed", "seconds": seconds, "n_cells": None, "error": error}
+
+
+def _run_distributed(
+    client: Any,
+    named: Mapping[str, Any],
+    pending: Sequence[str],
+    folder: Path,
+    options: PipelineOptions,
+    reader: str | None,
+    retries: int,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    from distributed import as_completed
+
+    worker_settings = {"verbosity": settings.verbosity, "progress": False}
+    tag = uuid.uuid4().hex[:8]
+    futures = {}
+    start = time.perf_counter()
+    for name in pending:
+        future = client.submit(
+            _process_slide,
+            name,
+            named[name],
+            str(folder.resolve()),
+            options,
+            reader,
+            worker_settings,
+            key=f"bitro-slide-{name}-{tag}",
+            pure=False,
+            retries=retries,
+        )
+        futures[future] = name
+    logger.info("%d slides submitted to %s", len(pending), client)
+    for future in as_completed(futures):
+        name = futures.pop(future)
+        try:
+            result = future.result()
+        except Exception as err:
+            logger.debug("slide %s failed", name, exc_info=True)
+            seconds = round(time.perf_counter() - start, 3)
+            yield name, {"status": "failed", "seconds": seconds, "n_cells": None, "error": _message(err)}
+        else:
+            yield name, {"status": "done", **result, "error": None}
+        future.release()
