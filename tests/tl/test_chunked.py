@@ -13,9 +13,16 @@ from bitro.tl._model import BiTroModel
 CHUNK = 60  # toy slides hold ~500 cells in bags of 3-25 cells → about 9 chunks
 
 
-def _bulk_model(slides, **config) -> BiTroModel:
+def _bulk_model(slides, context_um=None, **config) -> BiTroModel:
     return BiTroModel(
-        slides, level="bulk", genes=GENES, config={**SMALL, **config}, n_components=8, n_phenotypes=4, seed=0
+        slides,
+        level="bulk",
+        genes=GENES,
+        config={**SMALL, **config},
+        n_components=8,
+        n_phenotypes=4,
+        seed=0,
+        context_um=context_um,
     )
 
 
@@ -52,10 +59,12 @@ def test_chunk_bags_packs_consecutive_bags():
     assert [c.tolist() for c in chunk_bags(sizes, 100)] == [[0, 1, 2, 3, 4]]
 
 
-@pytest.mark.parametrize("cluster_weight", [0.0, 1.0])
-def test_chunked_loss_and_gradients_equal_one_pass(toy_bulk_slides, cluster_weight):
-    model = _bulk_model(toy_bulk_slides[:2])
+@pytest.mark.parametrize(("cluster_weight", "context_um"), [(0.0, None), (1.0, None), (1.0, 120.0)])
+def test_chunked_loss_and_gradients_equal_one_pass(toy_bulk_slides, cluster_weight, context_um):
+    model = _bulk_model(toy_bulk_slides[:2], context_um=context_um)
     idx = np.flatnonzero(model.train_bags.bag_slide == 0)
+    if context_um:  # context cells count towards the chunk
+        assert (bag_tokens(model.train_bags, idx) > model.train_bags.n_cells[idx]).any()
     n_chunks = len(chunk_bags(bag_tokens(model.train_bags, idx), CHUNK))
     assert n_chunks >= 5
     full, g_full = _loss_and_grads(model, None, cluster_weight=cluster_weight)
