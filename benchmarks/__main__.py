@@ -24,6 +24,7 @@ BENCHMARKS = {
     "bulk": "benchmarks.bulk",
     "cells": "benchmarks.cells",
     "scaling": "benchmarks.scaling",
+    "bulk_memory": "benchmarks.bulk_memory",
     "embedding": "benchmarks.embedding",
     "segmentation": "benchmarks.segmentation",
     "stain": "benchmarks.stain",

@@ -367,12 +367,25 @@ class BiTroModel:
         std = torch.as_tensor(self.transform.std, dtype=z.dtype, device=z.device)
         return torch.clamp(torch.expm1(z * std + mean), min=0.0)
 
-    def _loss_bulk(self, net, bags: BagSet, slide: int, cluster_weight: float, device):
+    def _loss_bulk(self, net, bags: BagSet, slide: int, cluster_weight: float, device, max_cells=None):
         import torch
 
         from bitro.models import aggregate_bulk, cluster_loss, pseudo_cell_expression
+        from bitro.tl._chunked import bag_tokens, chunked_bulk_loss
 
         idx = np.flatnonzero(bags.bag_slide == slide)
+        if max_cells is not None and bag_tokens(bags, idx).sum() > max_cells:  # bounded memory
+            target = torch.as_tensor(self.bulk_targets[slide : slide + 1], device=device)
+            return chunked_bulk_loss(
+                net,
+                bags,
+                idx,
+                to_counts=self._to_counts_t,
+                target=target,
+                cluster_weight=cluster_weight,
+                max_cells=max_cells,
+                device=device,
+            )
         batch = collate(bags, idx, device=device)
         args, kwargs = net_inputs(batch)
         out = net(*args, **kwargs)
@@ -418,6 +431,7 @@ class BiTroModel:
         device: str | None = "auto",
         parameters: Any = None,
         checkpoint_dir: str | Path | None = None,
+        max_cells_per_step: int | None = 20_000,
     ) -> BiTroModel:
         """Train with Adam, gradient-norm clipping and early stopping on a validation split.
 
@@ -449,12 +463,22 @@ class BiTroModel:
             Save the training state there after every epoch (safetensors + JSON). If the folder already
             holds a checkpoint of this training run, training resumes from it; on the CPU the result is
             identical to an uninterrupted run with the same seed.
+        max_cells_per_step
+            Bulk level: run a slide with more cells than this in chunks of at most this many cells
+            (context cells included), each under gradient checkpointing, and backpropagate the slide's
+            loss once, so peak memory scales with the chunk instead of the slide. The loss, including
+            the cluster loss, is the same as in one pass up to float rounding (with ``dropout > 0``
+            the dropout masks differ). A bag larger than the limit is run as a chunk of its own.
+            ``None``: whole slide at once. Ignored at spot level (``batch_size`` bounds the step).
         """
         import torch
+
+        from bitro.tl._chunked import check_max_cells
 
         if max_epochs < 1:
             msg = f"max_epochs must be ≥ 1, got {max_epochs}."
             raise ValueError(msg)
+        self._max_cells = check_max_cells(max_cells_per_step)
         dev = resolve_device(device)
         rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
@@ -564,7 +588,7 @@ class BiTroModel:
     def _step_loss(self, net, step, dev):
         if self.level == "spot":
             return self._loss_spot(net, collate(self.train_bags, step, device=dev), self.cluster_weight)
-        return self._loss_bulk(net, self.train_bags, step, self.cluster_weight, dev)
+        return self._loss_bulk(net, self.train_bags, step, self.cluster_weight, dev, self._max_cells)
 
     def _evaluate_loss(self, net, idx: np.ndarray, batch_size: int, dev) -> float:
         import torch
@@ -581,7 +605,8 @@ class BiTroModel:
                     n += len(b)
             else:
                 for s in idx:
-                    total += float(self._loss_bulk(net, self.train_bags, int(s), self.cluster_weight, dev))
+                    loss = self._loss_bulk(net, self.train_bags, int(s), self.cluster_weight, dev, self._max_cells)
+                    total += float(loss)
                     n += 1
         return total / max(n, 1)
 
