@@ -37,6 +37,7 @@ def fit(
     spots_key: str = K.SPOTS,
     cells_key: str = K.CELLS,
     context_um: float | None = None,
+    max_cells_per_step: int | None = 10_000,
 ) -> BiTroModel | BaselineModel:
     """Train a model on one or more slides.
 
@@ -72,6 +73,9 @@ def fit(
     context_um
         Cells within this distance around each bag join the Transformer as context (not pooled);
         default off. See :class:`bitro.models.BiTroModel`.
+    max_cells_per_step
+        Bulk level: cells per chunk of a slide's forward pass (bounded memory, same loss); ``None``
+        runs each slide at once. See :meth:`bitro.models.BiTroModel.train`.
     spots_key, cells_key
         Tables of the spots and of the cells (e.g. ``"cells_truth"`` for pseudo-spots of cell-resolved
         data built with :func:`bitro.tl.pseudo_spots`; bitro model only).
@@ -120,6 +124,7 @@ def fit(
         patience=patience,
         validation_fraction=validation_fraction,
         device=device,
+        max_cells_per_step=max_cells_per_step,
     )
 
 
@@ -159,6 +164,7 @@ def transfer(
     cluster_weight: float | None = None,
     device: str | None = "auto",
     seed: int | None = None,
+    max_cells_per_step: int | None = 10_000,
 ) -> BiTroModel:
     """Fine-tune a trained model on another level (spot → bulk or bulk → spot).
 
@@ -183,7 +189,7 @@ def transfer(
         LoRA rank, scaling and dropout.
     target
         Target scale of the new level (default: the source's scale).
-    max_epochs, lr, batch_size, patience, validation_fraction, cluster_weight, device, seed
+    max_epochs, lr, batch_size, patience, validation_fraction, cluster_weight, device, seed, max_cells_per_step
         As in :func:`bitro.tl.fit`.
     """
     from bitro.models import apply_lora
@@ -226,4 +232,5 @@ def transfer(
         patience=patience,
         validation_fraction=validation_fraction,
         device=device,
+        max_cells_per_step=max_cells_per_step,
     )

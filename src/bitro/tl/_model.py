@@ -431,7 +431,7 @@ class BiTroModel:
         device: str | None = "auto",
         parameters: Any = None,
         checkpoint_dir: str | Path | None = None,
-        max_cells_per_step: int | None = 20_000,
+        max_cells_per_step: int | None = 10_000,
     ) -> BiTroModel:
         """Train with Adam, gradient-norm clipping and early stopping on a validation split.
 
@@ -573,6 +573,7 @@ class BiTroModel:
             "patience": patience,
             "validation_fraction": validation_fraction,
             "grad_clip": grad_clip,
+            "max_cells_per_step": max_cells_per_step,
             "best_loss": float(best),
             "epochs_run": len(self.history["epoch"]),
             "n_train_units": len(train_idx),
