@@ -108,6 +108,7 @@ def map_tiles(
     on_error: str = "raise",
     image_name: str = "image",
     desc: str = "tiles",
+    on_result: Callable[[int, Any], Any] | None = None,
 ) -> tuple[list[Any], list[list[int]]]:
     """Apply ``func`` to the pixels of each tile of ``data`` and return the results in tile order.
 
@@ -139,6 +140,10 @@ def map_tiles(
         Name of the image in error messages.
     desc
         Description of the progress bar.
+    on_result
+        ``on_result(i, result)`` is called in this process as soon as tile ``i``'s result arrives
+        (e.g. to write it to disk); its return value is kept instead of the result, so the results
+        need not all be held in memory. Its errors always stop the run (whatever ``on_error``).
 
     Returns
     -------
@@ -150,7 +155,7 @@ def map_tiles(
     box_lists, multi = _box_lists(tiles, boxes)
     if client is None and scheduler is None:
         client = active_client()
-    ctx = _Context(func, tiles, box_lists, multi, shared, on_error, image_name)
+    ctx = _Context(func, tiles, box_lists, multi, shared, on_error, image_name, on_result)
     if client is not None:
         _run_distributed(ctx, data, client, desc)
     elif scheduler is not None:
@@ -187,8 +192,10 @@ class _Context:
         shared: Any,
         on_error: str,
         image_name: str,
+        on_result: Callable[[int, Any], Any] | None = None,
     ) -> None:
         self.func, self.tiles, self.box_lists, self.multi = func, tiles, box_lists, multi
+        self.on_result = on_result
         self.shared, self.has_shared = shared, shared is not None
         self.on_error, self.image_name = on_error, image_name
         self.results: list[Any] = [None] * len(tiles)
@@ -219,6 +226,10 @@ class _Context:
         logger.warning("Skipping %s: %s: %s", self.where(i), type(err).__name__, err)
         self.skipped += [list(b) for b in self.box_lists[i]]
 
+    def keep(self, i: int, value: Any) -> None:
+        """Store tile ``i``'s result (through ``on_result`` when given; its errors propagate)."""
+        self.results[i] = value if self.on_result is None else self.on_result(i, value)
+
     def call(self, i: int, pixels: list[np.ndarray]) -> Any:
         rgb = pixels if self.multi[i] else pixels[0]
         args = (rgb, self.tiles[i], self.shared) if self.has_shared else (rgb, self.tiles[i])
@@ -233,9 +244,11 @@ def _run_local(ctx: _Context, data: Any, desc: str) -> None:
             ctx.read_failed(i, err)
             continue
         try:
-            ctx.results[i] = ctx.call(i, pixels)
+            value = ctx.call(i, pixels)
         except Exception as err:
             ctx.func_failed(i, err)
+            continue
+        ctx.keep(i, value)
 
 
 def _clipped_slice(arr: Any, box: Box) -> tuple[Any, Box]:
@@ -291,7 +304,7 @@ def _store(ctx: _Context, i: int, value: Any) -> None:
     if isinstance(value, _TileFailure):
         ctx.func_failed(i, value.error)
     else:
-        ctx.results[i] = value
+        ctx.keep(i, value)
 
 
 def _run_dask(ctx: _Context, data: Any, scheduler: str, desc: str) -> None:

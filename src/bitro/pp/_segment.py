@@ -5,6 +5,8 @@ read with an overlap larger than the largest nucleus, segmented on its own, and 
 only by the tile whose core contains its centroid — so each nucleus is kept exactly once and never
 cut by a tile edge. Only one tile is in memory at a time (one per worker thread when the tiles run on
 dask, see :mod:`bitro.pp._parallel`).
+With ``scratch_dir`` each finished tile is written to disk at once and a rerun resumes from
+those files (:mod:`bitro.pp._scratch`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -22,8 +25,9 @@ from bitro._logging import logger
 from bitro._settings import resolve_seed
 from bitro._validate import check_key, check_not_exists
 from bitro.io._build import get_image, get_mpp
-from bitro.io._cells import write_cells
+from bitro.io._cells import CELL_FEATURES, write_cells
 from bitro.pp._parallel import check_parallel_args, execution_info, map_tiles
+from bitro.pp._scratch import TileStore, check_scratch_dir
 from bitro.pp._tiles import Tile, read_box, tile_grid
 from bitro.pp._watershed import (
     WatershedParams,
@@ -237,6 +241,20 @@ def _segment_one(
     return _cells_of_tile(rgb, labels, tile, mpp, area_range)
 
 
+def _gather(results: list[Any]) -> tuple[list[Any], np.ndarray, pd.DataFrame]:
+    """Polygons, ``(n, 2)`` centroids (x, y) and features of the per-tile results, in tile order."""
+    polygons: list[Any] = []
+    centroids: list[tuple[float, float]] = []
+    rows: list[dict[str, float]] = []
+    for res in results:
+        if res is not None:
+            polygons += res[0]
+            centroids += res[1]
+            rows += res[2]
+    obs = pd.DataFrame(rows, columns=list(CELL_FEATURES))
+    return polygons, np.asarray(centroids, dtype=np.float64).reshape(-1, 2), obs
+
+
 def segment_cells(
     sdata: sd.SpatialData,
     *,
@@ -255,6 +273,8 @@ def segment_cells(
     client: Any = None,
     scheduler: str | None = None,
     on_error: Literal["raise", "skip"] = "raise",
+    scratch_dir: str | Path | None = None,
+    keep_scratch: bool = True,
 ) -> None:
     """Segment nuclei tile by tile and write them as polygons and a cell table.
 
@@ -311,6 +331,18 @@ def segment_cells(
         ``"raise"``: a tile that cannot be read (e.g. a corrupt chunk) stops the run with an error
         naming the image and tile box. ``"skip"``: such tiles (and tiles whose segmentation fails)
         are skipped with a warning and listed in ``uns[key_added]["skipped_tiles"]``.
+    scratch_dir
+        Folder (created if missing) where each tile's nuclei are written as soon as the tile is done
+        (``tile_<core_y0>_<core_x0>.parquet``, GeoParquet, written by this process as results
+        arrive, also with a cluster), with a ``manifest.json`` of the parameters that determine
+        the result. Rerunning the same call with the same folder after a crash reads the finished
+        tiles instead of recomputing them (tiles skipped with ``on_error="skip"`` are retried);
+        different parameters raise an error. The output is identical to a run without it. ``None``:
+        results are kept in memory only.
+    keep_scratch
+        Leave the tile files and manifest in ``scratch_dir`` after the run (default; it is your
+        folder, and a later identical call then only re-assembles). ``False``: delete them (and
+        the folder, if nothing else is in it) once the table and shapes are written.
 
     Returns
     -------
@@ -353,6 +385,7 @@ def segment_cells(
             "increase overlap_um or lower max_area_um2."
         )
         raise ValueError(msg)
+    scratch = check_scratch_dir(scratch_dir) if scratch_dir is not None else None
     seed = resolve_seed(seed)
     overlap_px = int(np.ceil(overlap_um / mpp))
     shape_yx = (int(data.shape[1]), int(data.shape[2]))
@@ -372,27 +405,40 @@ def segment_cells(
         params=params,
         area_range=(params.min_area_um2, params.max_area_um2),
     )
+    store = None
+    if scratch is not None:
+        store = TileStore(
+            scratch,
+            {
+                "image_key": image_key,
+                "image_shape": [int(v) for v in data.shape],
+                "mpp": mpp,
+                "threshold": None if threshold is None else float(threshold),
+                "params": asdict(params),
+                "tile_size": int(tile_size),
+                "overlap_px": overlap_px,
+                "method": name,
+            },
+        )
+    compute = [t for t in todo if store is None or not store.has(t)]
+    if store is not None and len(compute) < len(todo):
+        done = len(todo) - len(compute)
+        logger.info("Resuming from %r: %d of %d tiles already done.", str(scratch), done, len(todo))
     results, skipped = map_tiles(
         per_tile,
-        todo,
+        compute,
         data,
         client=client,
         scheduler=scheduler,
         on_error=on_error,
         image_name=image_key,
         desc=f"segmenting nuclei ({name})",
+        on_result=None if store is None else lambda i, res: store.write(compute[i], res),
     )
-    polygons: list[Any] = []
-    centroids: list[tuple[float, float]] = []
-    rows: list[dict[str, float]] = []
-    for res in results:
-        if res is not None:
-            polygons += res[0]
-            centroids += res[1]
-            rows += res[2]
-    obs = pd.DataFrame(
-        rows, columns=["area_um2", "perimeter_um", "eccentricity", "solidity", "mean_hematoxylin"]
-    )
+    if store is not None:
+        polygons, centroids, obs = store.read(todo)
+    else:
+        polygons, centroids, obs = _gather(results)
     provenance = {
         "method": name,
         "image_key": image_key,
@@ -415,14 +461,10 @@ def segment_cells(
         "skipped_tiles": skipped,
     }
     write_cells(
-        sdata,
-        polygons,
-        np.asarray(centroids, dtype=np.float64).reshape(-1, 2),
-        obs,
-        key_added=key_added,
-        overwrite=overwrite,
-        provenance=provenance,
+        sdata, polygons, centroids, obs, key_added=key_added, overwrite=overwrite, provenance=provenance
     )
+    if store is not None and not keep_scratch:
+        store.remove(todo)
     logger.info(
         "Segmented %d nuclei in %d of %d tiles of %r.", len(polygons), len(todo), len(tiles), image_key
     )

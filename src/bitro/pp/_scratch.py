@@ -1,0 +1,193 @@
+"""An on-disk store of per-tile segmentation results, so a whole-slide run can be resumed.
+
+:func:`bitro.pp.segment_cells` with ``scratch_dir=`` writes each finished tile's nuclei to
+``scratch_dir/tile_<core_y0>_<core_x0>.parquet`` (GeoParquet: ``geometry``, ``x``, ``y`` and the
+``obs`` feature columns; a tile without nuclei gets an empty file, so it counts as done). Files are
+written as ``*.parquet.tmp`` and renamed with :func:`os.replace`, so a run killed mid-write never
+leaves a half file that a rerun would trust. ``scratch_dir/manifest.json`` records every parameter
+that determines a tile's result; a rerun with the same folder and the same parameters reads the
+finished tiles instead of recomputing them, and different parameters raise an error.
+
+The files are written by the driver process as the results arrive (also with a dask cluster), so
+the folder only needs to be visible to the process that calls ``segment_cells``, and at most one
+tile's result waits in memory to be written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bitro._logging import logger
+from bitro.io._cells import CELL_FEATURES
+from bitro.pp._tiles import Tile
+
+MANIFEST = "manifest.json"
+#: Bumped when the file layout changes, so that old folders are refused rather than misread.
+FORMAT = 1
+_PROBE = ".bitro_write_probe"
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+TileResult = tuple[list[Any], list[tuple[float, float]], list[dict[str, float]]]
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def _write_parquet(frame: Any, path: Path) -> None:
+    frame.to_parquet(path, index=False)
+
+
+def check_scratch_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` if needed and probe-write a small file; raise a clear error if that fails."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        msg = (
+            f"scratch_dir {str(path)!r} is a file, not a folder. Pass the path of a folder (it is created "
+            "if missing) where the per-tile results can be written."
+        )
+        raise NotADirectoryError(msg)
+    probe = path / _PROBE
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _write_bytes(probe, b"bitro")
+        probe.unlink()
+    except OSError as err:
+        msg = (
+            f"Cannot write to scratch_dir {str(path)!r} ({type(err).__name__}: {err}). Pass a folder you can "
+            "write to (with room for the per-tile results), or fix its permissions."
+        )
+        cls = PermissionError if isinstance(err, PermissionError) else OSError
+        raise (cls(msg) if err.errno is None else cls(err.errno, msg)) from err
+    return path
+
+
+def _normalise(obj: Any) -> Any:
+    """JSON round trip (tuples → lists, numpy scalars → Python), for comparing manifests."""
+    return json.loads(json.dumps(obj, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+class TileStore:
+    """The per-tile result files of one segmentation run in ``path`` (see the module docstring).
+
+    Parameters
+    ----------
+    path
+        Folder checked with :func:`check_scratch_dir`.
+    manifest
+        Parameters that determine the tile results (JSON-serialisable).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = _normalise({"format": FORMAT, **manifest})
+        self._check_manifest()
+        for stale in self.path.glob("tile_*.parquet.tmp"):  # left by a killed write
+            stale.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------------- manifest
+    def _check_manifest(self) -> None:
+        file = self.path / MANIFEST
+        if not file.exists():
+            if any(self.path.glob("tile_*.parquet")):
+                msg = (
+                    f"scratch_dir {str(self.path)!r} holds tile files but no {MANIFEST}, so it is unknown "
+                    "which parameters produced them. Use another scratch_dir, or delete that folder to start over."
+                )
+                raise ValueError(msg)
+            try:
+                _write_bytes(file, json.dumps(self.manifest, indent=1).encode())
+            except OSError as err:
+                raise self._write_error(file, err) from err
+            return
+        try:
+            old = json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            msg = (
+                f"Cannot read {str(file)!r} ({err}). Use another scratch_dir, or delete "
+                f"{str(self.path)!r} to start over."
+            )
+            raise ValueError(msg) from err
+        if old != self.manifest:
+            keys = sorted(set(old) | set(self.manifest))
+            diff = [
+                f"{k} ({old.get(k)!r} there, {self.manifest.get(k)!r} now)"
+                for k in keys
+                if old.get(k) != self.manifest.get(k)
+            ]
+            msg = (
+                f"scratch_dir {str(self.path)!r} holds tiles of a segmentation with different parameters: "
+                f"{'; '.join(diff)}. Use another scratch_dir for these parameters, or delete that folder "
+                "to start over."
+            )
+            raise ValueError(msg)
+
+    # ---------------------------------------------------------------------------------------------- tiles
+    def file(self, tile: Tile) -> Path:
+        """``tile_<core_y0>_<core_x0>.parquet`` (core corners are unique in a grid; read boxes may not be)."""
+        return self.path / f"tile_{tile.core_y0}_{tile.core_x0}.parquet"
+
+    def has(self, tile: Tile) -> bool:
+        """Whether ``tile``'s result was written by an earlier (or this) run."""
+        return self.file(tile).is_file()
+
+    def write(self, tile: Tile, result: TileResult) -> int:
+        """Write one tile's ``(polygons, centroids, rows)`` atomically; return the number of nuclei."""
+        import geopandas as gpd
+
+        polygons, centroids, rows = result
+        xy = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
+        frame = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]})
+        features = pd.DataFrame(rows, columns=list(CELL_FEATURES))
+        frame = pd.concat([frame, features], axis=1)
+        gdf = gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(list(polygons), dtype="geometry"))
+        target = self.file(tile)
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            _write_parquet(gdf, tmp)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(target, err) from err
+        return len(polygons)
+
+    def _write_error(self, target: Path, err: OSError) -> OSError:
+        done = len(list(self.path.glob("tile_*.parquet")))
+        reason = "the disk is full" if err.errno in _FULL else f"{type(err).__name__}: {err}"
+        msg = (
+            f"Writing {str(target)!r} failed: {reason}. No partial file was left. Free space (or fix the "
+            f"folder) and rerun the same call with scratch_dir={str(self.path)!r}: the {done} tile(s) "
+            "already written there are reused, not recomputed."
+        )
+        return OSError(msg) if err.errno is None else OSError(err.errno, msg)
+
+    def read(self, tiles: Sequence[Tile]) -> tuple[list[Any], np.ndarray, pd.DataFrame]:
+        """Polygons, ``(n, 2)`` centroids (x, y) and features of ``tiles`` (those with a file), in order."""
+        import geopandas as gpd
+
+        parts = [gpd.read_parquet(self.file(t)) for t in tiles if self.has(t)]
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return [], np.zeros((0, 2)), pd.DataFrame(columns=list(CELL_FEATURES))
+        cells = pd.concat(parts, ignore_index=True)
+        features = pd.DataFrame({c: cells[c].to_numpy() for c in CELL_FEATURES})
+        return list(cells.geometry.values), cells[["x", "y"]].to_numpy(np.float64), features
+
+    def remove(self, tiles: Sequence[Tile]) -> None:
+        """Delete this run's tile files and manifest, and the folder if nothing else is in it."""
+        for t in tiles:
+            self.file(t).unlink(missing_ok=True)
+        (self.path / MANIFEST).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            logger.info("Kept scratch_dir %r: it holds other files.", str(self.path))
