@@ -62,6 +62,26 @@ def test_spots_are_those_with_a_centre_inside(slide):
     np.testing.assert_array_equal(spots.layers["counts"].sum(), slide["spots"][inside].layers["counts"].sum())
 
 
+def test_keep_whole_shapes_only(slide):
+    window = [0, 150, 550, 750]
+    centre = bt.datasets.crop(slide, size_um=300.0, center=(250.0, 450.0))
+    whole = bt.datasets.crop(slide, size_um=300.0, center=(250.0, 450.0), keep="whole")
+    assert whole.attrs["bitro_crop"]["window_px"] == window
+    xy = slide["spots"].obsm["spatial"]
+    radius = slide.shapes["spots_shapes"]["radius"].to_numpy()
+    disc_inside = (
+        (xy[:, 0] - radius >= 0) & (xy[:, 1] - radius >= 150) & (xy[:, 0] + radius <= 550) & (xy[:, 1] + radius <= 750)
+    )
+    assert 0 < disc_inside.sum() < centre["spots"].n_obs  # a spot centred inside but cut by the border is dropped
+    assert list(whole["spots"].obs_names) == list(slide["spots"].obs_names[disc_inside])
+    assert len(whole.shapes["spots_shapes"]) == disc_inside.sum()
+    polygons = whole.shapes["cells_truth_shapes"].bounds.to_numpy()
+    assert (polygons[:, :2] >= 0).all() and (polygons[:, 2:] <= [550, 600]).all()
+    assert whole["cells_truth"].n_obs < centre["cells_truth"].n_obs
+    with pytest.raises(ValueError, match="keep must be 'centre' or 'whole'"):
+        bt.datasets.crop(slide, size_um=300.0, keep="all")
+
+
 def test_input_untouched_and_attrs(slide):
     spots_before = slide["spots"].obsm["spatial"].copy()
     attrs_before = dict(slide.attrs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ def crop(
     size_um: float,
     center: Sequence[float] | None = None,
     image_key: str = K.IMAGE,
+    keep: Literal["centre", "whole"] = "centre",
 ) -> sd.SpatialData:
     """A square window of ``size_um`` µm around ``center``, as a new SpatialData in the window's frame.
 
@@ -49,9 +50,10 @@ def crop(
 
     - images and labels with the level-0 size of ``image_key`` and an identity transformation,
       cut to the window (others, e.g. a low-resolution tissue mask, are left out: recompute them);
-    - rows of every table with ``obsm["spatial"]`` whose centre lies in the window (``obsp``
-      graphs are subset with them), and the shapes they annotate (the same instances);
-    - the shapes of other shapes elements whose centroid lies in the window;
+    - rows of every table with ``obsm["spatial"]`` whose centre lies in the window (with
+      ``keep="whole"``: whose whole shape does), ``obsp`` graphs subset with them, and the
+      shapes they annotate (the same instances);
+    - the shapes of other shapes elements whose centroid (whole shape) lies in the window;
     - ``sdata.attrs`` (the scale, ``"bitro_scale"``, among them), plus ``attrs["bitro_crop"]``.
 
     Shapes are translated, not clipped: a polygon or circle cut by the border is kept whole.
@@ -69,6 +71,10 @@ def crop(
         ``"spots"``) nearest the median spot position, or the image centre without spots.
     image_key
         Image whose pixels define the window.
+    keep
+        ``"centre"``: keep the spots, cells and shapes whose centre lies in the window;
+        ``"whole"``: only those whose whole shape (a spot's disc, a nucleus polygon) lies in it,
+        e.g. to train only on spots whose tissue is all in the image.
 
     Returns
     -------
@@ -94,6 +100,9 @@ def crop(
     if size_px < 1:
         msg = f"size_um={size_um!r} is less than one pixel ({mpp:g} µm per pixel); pass a larger window."
         raise ValueError(msg)
+    if keep not in ("centre", "whole"):
+        msg = f"keep must be 'centre' or 'whole', got {keep!r}."
+        raise ValueError(msg)
     center_xy = _default_center(sdata, width, height) if center is None else _check_center(center)
     window = _window(center_xy, size_px, width, height, image_key)
     x0, y0, x1, y1 = window
@@ -102,14 +111,14 @@ def crop(
     labels = _cut_rasters(sdata.labels, window, (height, width), "labels")
     tables, kept_ids = {}, {}
     for key, table in sdata.tables.items():
-        cut = _cut_table(table, window)
-        if cut is None:
+        if K.SPATIAL not in table.obsm:
             logger.info("crop: table %r has no obsm[%r] (not per location); left out.", key, K.SPATIAL)
             continue
-        tables[key] = cut
+        bounds = _table_bounds(sdata, table) if keep == "whole" else None
+        tables[key] = cut = _cut_table(table, window, bounds)
         for region, ids in _instances(cut).items():
             kept_ids.setdefault(region, []).extend(ids)
-    shapes = {key: _cut_shapes(gdf, window, kept_ids.get(key)) for key, gdf in sdata.shapes.items()}
+    shapes = {key: _cut_shapes(gdf, window, kept_ids.get(key), keep) for key, gdf in sdata.shapes.items()}
     if len(sdata.points):
         logger.info("crop: points elements %s are left out.", sorted(sdata.points))
 
@@ -122,6 +131,7 @@ def crop(
         "center": [float(c) for c in center_xy],
         "size_um": float(size_um),
         "image_key": image_key,
+        "keep": keep,
     }
     logger.info("crop: window x %d–%d, y %d–%d px of %r.", x0, x1, y0, y1, image_key)
     return out
@@ -195,17 +205,48 @@ def _cut_rasters(elements: Any, window: Window, shape: tuple[int, int], kind: st
     return out
 
 
-def _cut_table(table: ad.AnnData, window: Window) -> ad.AnnData | None:
-    """Rows whose ``obsm["spatial"]`` lies in ``window``, translated; ``None`` without coordinates."""
+def _shape_bounds(gdf: Any) -> np.ndarray:
+    """``(minx, miny, maxx, maxy)`` of each shape; circles use their ``radius``."""
+    if "radius" in gdf.columns:
+        x, y, r = gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy(), gdf["radius"].to_numpy(dtype=np.float64)
+        return np.column_stack([x - r, y - r, x + r, y + r])
+    return gdf.bounds.to_numpy(dtype=np.float64)
+
+
+def _table_bounds(sdata: sd.SpatialData, table: ad.AnnData) -> np.ndarray | None:
+    """Bounds of the shape of each row (NaN where it has none); ``None`` for a table without shapes."""
     from spatialdata.models import TableModel
 
-    if K.SPATIAL not in table.obsm:
+    attrs = table.uns.get(TableModel.ATTRS_KEY) or {}
+    regions = [str(r) for r in np.atleast_1d(attrs.get(TableModel.REGION_KEY, []))]
+    if not regions or not any(r in sdata.shapes for r in regions):
         return None
+    out = np.full((table.n_obs, 4), np.nan)
+    row_regions = table.obs[attrs[TableModel.REGION_KEY_KEY]].astype(str).to_numpy()
+    ids = table.obs[attrs[TableModel.INSTANCE_KEY]].astype(str).to_numpy()
+    for region in regions:
+        if region not in sdata.shapes:
+            continue
+        gdf = sdata.shapes[region]
+        rows = np.flatnonzero(row_regions == region)
+        position = gdf.index.astype(str).get_indexer(ids[rows])
+        found = position >= 0
+        out[rows[found]] = _shape_bounds(gdf)[position[found]]
+    return out
+
+
+def _cut_table(table: ad.AnnData, window: Window, bounds: np.ndarray | None = None) -> ad.AnnData:
+    """Rows whose ``obsm["spatial"]`` (or whole ``bounds``, where known) lies in ``window``, translated."""
+    from spatialdata.models import TableModel
+
     x0, y0, x1, y1 = window
     xy = np.asarray(table.obsm[K.SPATIAL], dtype=np.float64)
     local = xy.copy()
     local[:, :2] -= [x0, y0]
     keep = _inside(local[:, :2], x1 - x0, y1 - y0)
+    if bounds is not None:
+        known = np.isfinite(bounds).all(axis=1)
+        keep &= ~known | _bounds_inside(bounds, window)
     cut = table[keep].copy()
     cut.obsm[K.SPATIAL] = local[keep]
     attrs = cut.uns.pop(TableModel.ATTRS_KEY, None)
@@ -232,8 +273,8 @@ def _instances(table: ad.AnnData) -> dict[str, list[str]]:
     return {str(region): list(ids[regions == str(region)]) for region in np.atleast_1d(attrs[TableModel.REGION_KEY])}
 
 
-def _cut_shapes(gdf: Any, window: Window, ids: list[str] | None) -> Any:
-    """Shapes annotated by a kept table (its instances ``ids``) or with a centroid in ``window``, translated."""
+def _cut_shapes(gdf: Any, window: Window, ids: list[str] | None, keep: str = "centre") -> Any:
+    """Shapes of a kept table (its instances ``ids``), else with a centroid (whole shape) in ``window``, translated."""
     import geopandas as gpd
     from spatialdata.models import ShapesModel
 
@@ -246,7 +287,10 @@ def _cut_shapes(gdf: Any, window: Window, ids: list[str] | None) -> Any:
         subset = gdf.iloc[position[position >= 0]]
     else:
         centre = gdf.geometry.centroid
-        subset = gdf[_inside(np.column_stack([centre.x - x0, centre.y - y0]), x1 - x0, y1 - y0)]
+        inside = _inside(np.column_stack([centre.x - x0, centre.y - y0]), x1 - x0, y1 - y0)
+        if keep == "whole":
+            inside &= _bounds_inside(_shape_bounds(gdf), window)
+        subset = gdf[inside]
     frame = pd.DataFrame(subset.drop(columns=subset.geometry.name))
     frame.index = subset.index.astype(str)
     moved = gpd.GeoDataFrame(frame, geometry=subset.geometry.translate(-x0, -y0).to_numpy())
@@ -257,3 +301,9 @@ def _cut_shapes(gdf: Any, window: Window, ids: list[str] | None) -> Any:
 def _inside(local_xy: np.ndarray, width: int, height: int) -> np.ndarray:
     """Points with ``0 ≤ x < width`` and ``0 ≤ y < height``."""
     return (local_xy[:, 0] >= 0) & (local_xy[:, 1] >= 0) & (local_xy[:, 0] < width) & (local_xy[:, 1] < height)
+
+
+def _bounds_inside(bounds: np.ndarray, window: Window) -> np.ndarray:
+    """Shapes whose bounds ``(minx, miny, maxx, maxy)`` lie in ``window``."""
+    x0, y0, x1, y1 = window
+    return (bounds[:, 0] >= x0) & (bounds[:, 1] >= y0) & (bounds[:, 2] <= x1) & (bounds[:, 3] <= y1)
