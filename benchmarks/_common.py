@@ -226,32 +226,9 @@ def cache_key(section: str, encoders: tuple[str, ...], mode: str, window: int | 
 
 def crop_window(sdata: Any, half: int) -> Any:
     """A window of ``2 * half`` px around the spot nearest the tissue centre, in its own pixel frame."""
-    import numpy as np
-    import spatialdata as sd
+    import bitro as bt
 
-    from bitro.io._build import circles_element, image_element, set_scale, table_element
-
-    xy = sdata["spots"].obsm["spatial"]
-    centre = xy[np.argmin(np.linalg.norm(xy - np.median(xy, axis=0), axis=1))]
-    x0, y0 = (int(v) for v in np.floor(centre - half))
-    img = sdata.images["he"]
-    arr = img.data if hasattr(img, "data") else img["scale0"]["image"].data
-    arr = arr[:, max(y0, 0) : y0 + 2 * half, max(x0, 0) : x0 + 2 * half].compute()
-    x0, y0 = max(x0, 0), max(y0, 0)
-    spots = sdata["spots"].copy()
-    local = spots.obsm["spatial"] - [x0, y0]
-    keep = (local >= 0).all(axis=1) & (local < [arr.shape[2], arr.shape[1]]).all(axis=1)
-    spots = spots[keep].copy()
-    spots.obsm["spatial"] = local[keep]
-    spots.uns.pop("spatialdata_attrs", None)
-    radius = sdata.shapes["spots_shapes"]["radius"].iloc[0]
-    out = sd.SpatialData(
-        images={"he": image_element(arr, chunks=512)},
-        shapes={"spots_shapes": circles_element(spots.obsm["spatial"], radius, spots.obs_names)},
-        tables={"spots": table_element(spots, region="spots_shapes")},
-    )
-    set_scale(out, **sdata.attrs["bitro_scale"])
-    return out
+    return bt.datasets.crop(sdata, size_um=2 * half * bt.io.get_mpp(sdata))
 
 
 def preprocess_section(

@@ -19,41 +19,9 @@ HALF_WINDOW_PX = 600
 
 
 def crop_section(section: str, data_dir, half: int = HALF_WINDOW_PX) -> sd.SpatialData:
+    """A window of ``2 * half`` px around the section's central spot, in its own pixel frame."""
     full = bt.datasets.her2st(section, data_dir=data_dir)
-    xy = full["spots"].obsm["spatial"]
-    centre = xy[np.argmin(np.linalg.norm(xy - np.median(xy, axis=0), axis=1))]
-    lo, hi = centre - half, centre + half
-    crop = sd.bounding_box_query(
-        full,
-        axes=("x", "y"),
-        min_coordinate=lo,
-        max_coordinate=hi,
-        target_coordinate_system="global",
-        filter_table=True,
-    )
-    # bring the crop to its own level-0 frame: pixel (0, 0) = the window's corner
-    from bitro.io._build import circles_element, image_element, set_scale, table_element
-
-    x0, y0 = (int(v) for v in np.floor(lo))
-    img = crop.images["he"].data
-    spots = crop["spots"].copy()
-    spots.obsm["spatial"] = spots.obsm["spatial"] - [x0, y0]
-    keep = (spots.obsm["spatial"] >= 0).all(axis=1) & (spots.obsm["spatial"] < img.shape[1:][::-1]).all(
-        axis=1
-    )
-    spots = spots[keep].copy()
-    del spots.uns["spatialdata_attrs"]
-    out = sd.SpatialData(
-        images={"he": image_element(img.compute(), chunks=512)},
-        shapes={
-            "spots_shapes": circles_element(
-                spots.obsm["spatial"], crop.shapes["spots_shapes"]["radius"].iloc[0], spots.obs_names
-            )
-        },
-        tables={"spots": table_element(spots, region="spots_shapes")},
-    )
-    set_scale(out, **full.attrs["bitro_scale"])
-    return out
+    return bt.datasets.crop(full, size_um=2 * half * bt.io.get_mpp(full))
 
 
 def preprocess(sdata, *, encoder="morphology"):

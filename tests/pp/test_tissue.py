@@ -112,8 +112,10 @@ def test_overwrite_inplace_and_bad_input():
     assert "t2" not in sdata.labels and element is not None
     with pytest.raises(ValueError, match="'otsu', 'od'"):
         bt.pp.detect_tissue(sdata, key_added="t3", method="bogus")
-    with pytest.raises(ValueError, match="grey-scale"):
+    with pytest.raises(ValueError, match=r"tissue_mask is grey-scale .*Convert it to RGB"):
         tissue_mask(np.zeros((20, 20), np.uint8))
+    with pytest.raises(ValueError, match=r"tissue_mask has shape \(3, 20, 20\).*np.moveaxis"):
+        tissue_mask(np.zeros((3, 20, 20), np.uint8))
     from spatialdata.models import Image2DModel
 
     grey = sd.SpatialData(

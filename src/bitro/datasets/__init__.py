@@ -4,6 +4,7 @@ from bitro._lazy import lazy_exports
 
 _EXPORTS = {
     "synthetic_tissue": "._synthetic",
+    "crop": "._crop",
     "her2st": "._kit",
     "her2st_sections": "._kit",
     "her2st_genes": "._kit",

@@ -48,7 +48,12 @@ def her2st_sections(data_dir: str | Path | None = None, *, with_image: bool = Tr
 
 
 def her2st(
-    section: str = "C2", *, data_dir: str | Path | None = None, image: bool = True, **kwargs
+    section: str = "C2",
+    *,
+    data_dir: str | Path | None = None,
+    image: bool = True,
+    crop_um: float | None = None,
+    **kwargs,
 ) -> sd.SpatialData:
     """Load a HER2ST section of the kit with :func:`bitro.io.read_st`.
 
@@ -60,6 +65,10 @@ def her2st(
         Kit folder; see :func:`bitro.datasets.data_dir`.
     image
         Load the H&E image (about 9,300 × 9,900 px).
+    crop_um
+        Keep only a square window of this side (µm) around the spot nearest the median spot
+        position, in the window's own pixel frame (:func:`bitro.datasets.crop`); ``None``: the
+        whole section. Needs ``image=True``.
     **kwargs
         Passed to :func:`bitro.io.read_st`.
     """
@@ -74,13 +83,21 @@ def her2st(
     if image and not img.is_file():
         msg = f"Section {section!r} has no H&E image in the kit (only {list(HER2ST_IMAGED)} do); pass image=False."
         raise FileNotFoundError(msg)
-    return read_st(
+    if crop_um is not None and not image:
+        msg = "crop_um= cuts a window of the H&E image; pass image=True (the default) or crop_um=None."
+        raise ValueError(msg)
+    sdata = read_st(
         counts,
         root / "spots" / f"{section}_selection.tsv",
         img if image else None,
         sample_id=section,
         **kwargs,
     )
+    if crop_um is None:
+        return sdata
+    from bitro.datasets._crop import crop
+
+    return crop(sdata, size_um=crop_um)
 
 
 def her2st_genes(data_dir: str | Path | None = None) -> list[str]:

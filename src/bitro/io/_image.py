@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,12 +20,15 @@ def _corrupt(path: Path, err: Exception) -> ValueError:
     return ValueError(msg)
 
 
-def as_rgb(array: np.ndarray, *, source: str = "image") -> np.ndarray:
+def as_rgb(array: Any, *, source: str = "image") -> np.ndarray:
     """Return ``array`` as ``(y, x, 3)`` uint8 RGB.
 
     Grey-scale images raise (an H&E image needs colour); RGBA loses its alpha
-    channel with a logged warning.
+    channel with a logged warning. Floats in ``[0, 1]`` are scaled to ``[0, 255]``; other
+    values are rounded and clipped to ``[0, 255]`` (NaN becomes 0). ``source`` names the
+    array in messages (e.g. ``"Image 'slide.png'"``).
     """
+    array = np.asarray(array)
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 1):
         msg = (
             f"{source} is grey-scale (shape {array.shape}); bitro needs an RGB H&E image. "
@@ -32,14 +36,23 @@ def as_rgb(array: np.ndarray, *, source: str = "image") -> np.ndarray:
         )
         raise ValueError(msg)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        msg = f"{source} has shape {array.shape}; expected (height, width, 3) RGB or (height, width, 4) RGBA."
+        msg = (
+            f"{source} has shape {array.shape}; expected (height, width, 3) RGB or (height, width, 4) RGBA. "
+            "Move the channel axis last (e.g. `np.moveaxis(img, 0, -1)`) or convert the image to RGB."
+        )
+        raise ValueError(msg)
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        msg = f"{source} is empty (shape {array.shape}); pass an image with at least one pixel."
         raise ValueError(msg)
     if array.shape[-1] == 4:
         logger.warning("%s is RGBA; the alpha channel is dropped.", source)
         array = array[..., :3]
     if array.dtype != np.uint8:
-        if np.issubdtype(array.dtype, np.floating) and array.max() <= 1.0:
-            array = np.round(array * 255)
+        if np.issubdtype(array.dtype, np.floating):
+            array = np.nan_to_num(array, nan=0.0)
+            if array.max() <= 1.0:
+                array = array * 255.0
+            array = np.rint(array)
         array = np.clip(array, 0, 255).astype(np.uint8)
     return array
 

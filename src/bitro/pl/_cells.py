@@ -10,6 +10,7 @@ import pandas as pd
 
 from bitro import _keys as K
 from bitro.pl import _utils as U
+from bitro.pl._docs import doc_params
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -24,6 +25,7 @@ CENTROID_RADIUS_UM = 4.0
 Color = str | tuple[str, int]
 
 
+@doc_params
 def cells(
     data: sd.SpatialData | ad.AnnData,
     *,
@@ -81,20 +83,14 @@ def cells(
         Draw the legend of categorical colours.
     ncols
         Panels per row.
-    mpp
-        µm per pixel for the scale bar when ``data`` carries no scale (AnnData).
-    scale_bar_um
-        Scale bar length in µm, ``"auto"`` or ``None`` for no bar.
-    ax
-        Axes to draw into, one per panel.
-    show
-        Show the figure (default: when matplotlib is interactive and ``return_fig`` is False).
-    return_fig
-        Return the Figure.
+    {doc_mpp}
+    {doc_scale_bar_um}
+    {doc_ax_panels}
+    {doc_show_return_fig}
 
     Returns
     -------
-    The Figure if ``return_fig``; else the Axes (a list for several panels) unless shown.
+    {doc_returns_panels}
     """
     adata, sdata = U.resolve_table(data, table_key)
     colors = [color] if isinstance(color, str | tuple) else list(color)
@@ -144,6 +140,7 @@ def cells(
     return U.finish(fig, axes, show=show, return_fig=return_fig)
 
 
+@doc_params
 def segmentation(
     sdata: sd.SpatialData,
     *,
@@ -171,18 +168,13 @@ def segmentation(
         ``(x0, y0, x1, y1)`` in level-0 pixels; default: the extent of the shapes.
     edgecolor, linewidth
         Outline style.
-    scale_bar_um
-        Scale bar length in µm, ``"auto"`` or ``None`` for no bar.
-    ax
-        Axes to draw into.
-    show
-        Show the figure (default: when matplotlib is interactive and ``return_fig`` is False).
-    return_fig
-        Return the Figure.
+    {doc_scale_bar_um}
+    {doc_ax}
+    {doc_show_return_fig}
 
     Returns
     -------
-    The Figure if ``return_fig``; else the Axes unless shown.
+    {doc_returns}
     """
     from bitro.io._build import get_shapes
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from bitro import _keys as K
 from bitro.pl import _utils as U
+from bitro.pl._docs import doc_params
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -21,6 +22,7 @@ PCC_SUFFIX = "_pcc_raw"
 
 
 # ---------------------------------------------------------------------------- gene correlations
+@doc_params
 def gene_correlations(
     result: pd.Series | pd.DataFrame | ad.AnnData | sd.SpatialData,
     *,
@@ -48,16 +50,12 @@ def gene_correlations(
         Number of best and of worst genes named (all genes when there are at most ``2 * n_top``).
     colors
         Colours of positive and of negative correlations.
-    ax
-        Axes to draw into.
-    show
-        Show the figure (default: when matplotlib is interactive and ``return_fig`` is False).
-    return_fig
-        Return the Figure.
+    {doc_ax}
+    {doc_show_return_fig}
 
     Returns
     -------
-    The Figure if ``return_fig``; else the Axes unless shown.
+    {doc_returns}
     """
     import matplotlib as mpl
 
@@ -141,6 +139,7 @@ def _default_pcc_key(frame: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------------- observed vs predicted
+@doc_params
 def scatter_pred(
     data: sd.SpatialData | ad.AnnData,
     *,
@@ -168,16 +167,12 @@ def scatter_pred(
         The spots table.
     color, size
         Marker colour and size.
-    ax
-        Axes to draw into.
-    show
-        Show the figure (default: when matplotlib is interactive and ``return_fig`` is False).
-    return_fig
-        Return the Figure.
+    {doc_ax}
+    {doc_show_return_fig}
 
     Returns
     -------
-    The Figure if ``return_fig``; else the Axes unless shown.
+    {doc_returns}
     """
     adata, _ = U.resolve_table(data, table_key)
     if len(layers) != 2:
@@ -240,6 +235,7 @@ def attention_shares(
     return pd.Series(pseudo / total, index=cells_table.obs_names[members], name=f"{gene}_share")
 
 
+@doc_params
 def attention(
     sdata: sd.SpatialData,
     *,
@@ -282,18 +278,13 @@ def attention(
         Colour map of the shares.
     margin
         Space around the spot, as a fraction of its diameter.
-    scale_bar_um
-        Scale bar length in µm, ``"auto"`` or ``None`` for no bar.
-    ax
-        Axes to draw into.
-    show
-        Show the figure (default: when matplotlib is interactive and ``return_fig`` is False).
-    return_fig
-        Return the Figure.
+    {doc_scale_bar_um}
+    {doc_ax}
+    {doc_show_return_fig}
 
     Returns
     -------
-    The Figure if ``return_fig``; else the Axes unless shown.
+    {doc_returns}
     """
     if not U.is_spatialdata(sdata):
         msg = "attention() draws a spot and its cells and needs a SpatialData object."
@@ -373,6 +364,7 @@ def _spot_circle(sdata, spots_key: str, spot: str, cells_table, member_ids) -> t
 
 
 # ---------------------------------------------------------------------------- training history
+@doc_params
 def history(
     model_or_history: Any,
     *,
@@ -390,16 +382,12 @@ def history(
         ``"epoch"``, ``"train_loss"`` and ``"val_loss"`` (NaN where no validation ran).
     log_scale
         Logarithmic loss axis.
-    ax
-        Axes to draw into.
-    show
-        Show the figure (default: when matplotlib is interactive and ``return_fig`` is False).
-    return_fig
-        Return the Figure.
+    {doc_ax}
+    {doc_show_return_fig}
 
     Returns
     -------
-    The Figure if ``return_fig``; else the Axes unless shown.
+    {doc_returns}
     """
     hist = getattr(model_or_history, "history", model_or_history)
     if not isinstance(hist, Mapping) or "train_loss" not in hist:

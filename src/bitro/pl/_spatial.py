@@ -9,6 +9,7 @@ import numpy as np
 
 from bitro import _keys as K
 from bitro.pl import _utils as U
+from bitro.pl._docs import doc_params
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 _LAYER_TITLES = {K.COUNTS_LAYER: "observed", K.PRED: "predicted"}
 
 
+@doc_params
 def spatial(
     data: sd.SpatialData | ad.AnnData,
     *,
@@ -69,21 +71,14 @@ def spatial(
         pooled values of all layers (default ``"p0"`` and ``"p99"``).
     alpha
         Opacity of the spots.
-    mpp
-        µm per pixel for the scale bar when ``data`` carries no scale (AnnData).
-    scale_bar_um
-        Scale bar length in µm (a round shorter length when it is wider than the view), ``"auto"``
-        (about a fifth of the view) or ``None`` for no bar.
-    ax
-        Axes to draw into, one per panel.
-    show
-        Show the figure (default: when matplotlib is interactive and ``return_fig`` is False).
-    return_fig
-        Return the Figure.
+    {doc_mpp}
+    {doc_scale_bar_um}
+    {doc_ax_panels}
+    {doc_show_return_fig}
 
     Returns
     -------
-    The Figure if ``return_fig``; else the Axes (a list for several panels) unless shown.
+    {doc_returns_panels}
     """
     adata, sdata = U.resolve_table(data, table_key)
     genes = [genes] if isinstance(genes, str) else list(genes)

@@ -19,6 +19,7 @@ import numpy as np
 from bitro import _keys as K
 from bitro._logging import logger
 from bitro._validate import check_not_exists
+from bitro.io._image import as_rgb
 
 if TYPE_CHECKING:
     import spatialdata as sd
@@ -62,30 +63,11 @@ def _disk(radius: int) -> np.ndarray:
     return xx**2 + yy**2 <= radius**2
 
 
-def _check_rgb(rgb: Any) -> np.ndarray:
-    arr = np.asarray(rgb)
-    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 1):
-        msg = (
-            f"Tissue detection needs an RGB (h, w, 3) image, got a grey-scale array of shape {arr.shape}. "
-            "Convert it to RGB first (e.g. skimage.color.gray2rgb)."
-        )
-        raise ValueError(msg)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        msg = f"Expected an (h, w, 3) RGB image, got shape {arr.shape}; convert it to RGB first."
-        raise ValueError(msg)
-    arr = arr[..., :3]
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and np.nanmax(arr) <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-    return arr
-
-
 def pen_mask(rgb: np.ndarray, *, mpp: float = 8.0) -> np.ndarray:
     """Boolean mask of pen marks in an ``(h, w, 3)`` uint8 image with ``mpp`` µm per pixel."""
     from skimage.color import rgb2hsv
 
-    hsv = rgb2hsv(_check_rgb(rgb))
+    hsv = rgb2hsv(as_rgb(rgb, source="The image given to pen_mask"))
     hue, sat, val = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
     red = (sat > 0.65) & ((hue >= 345.0) | (hue <= 20.0))
     green = (sat > 0.25) & (hue >= 70.0) & (hue < 180.0)  # no H&E stain is green or cyan
@@ -129,7 +111,7 @@ def tissue_mask(
     if method not in TISSUE_METHODS:
         msg = f"Unknown tissue detection method {method!r}; choose one of {list(TISSUE_METHODS)}."
         raise ValueError(msg)
-    rgb = _check_rgb(rgb)
+    rgb = as_rgb(rgb, source="The image given to tissue_mask")
     od = rgb_to_od(rgb).sum(axis=-1)
     if method == "otsu":
         sat = rgb2hsv(rgb)[..., 1]
