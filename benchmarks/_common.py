@@ -172,6 +172,9 @@ def metadata(*, quick: bool, seconds: float, seeds: dict[str, Any] | None = None
         "versions": versions(),
         "git": git_commit(),
         "torch_threads": torch.get_num_threads(),
+        "thread_env": {
+            k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        },
         "seeds": seeds or {"seed": SEED},
         "peak_rss_mb_process": round(max_rss_mb(), 1),
     }
