@@ -312,15 +312,25 @@ def markdown(res: dict[str, Any]) -> str:
         "",
     ]
     if len(ab_order) > 1:
+        # compare on the folds that every ablation finished (a run cut short leaves partial folds)
+        ab_runs = set(zip(ab["run"], ab["target"], strict=True))
+        complete = [
+            t for t in p["folds_ablation"]
+            if ab_runs <= set(zip(ab[ab.test == t]["run"], ab[ab.test == t]["target"], strict=True))
+        ]  # fmt: skip
+        folds_ab = complete or list(p["folds_ablation"])
+        skipped = sorted(set(p["folds_ablation"]) - set(folds_ab))
         lines += [
             "### Ablations",
             "",
-            f"**Protocol.** Same as above but only held-out folds {', '.join(p['folds_ablation'])} (CPU time); every "
+            f"**Protocol.** Same as above but only held-out folds {', '.join(folds_ab)} (CPU time"
+            + (f"; fold(s) {', '.join(skipped)} did not finish for every variant and are left out" if skipped else "")
+            + "); every "
             "variant is trained on the normalised target and compared with the full model on the same folds "
             "(first row). 'pseudo-bulk → spot' trains a bulk-level model on the pseudo-bulk of the four training "
             "sections, then adapts it to spots with LoRA (rank 8).",
             "",
-            _table(_summary(rows, "ablation", p["folds_ablation"]), ab_order),
+            _table(_summary(rows, "ablation", folds_ab), ab_order),
             "",
         ]
     sp = pd.DataFrame(res["speed"])
