@@ -308,7 +308,9 @@ def segment_cells(
         area bounds above override its own.
     threshold
         Hematoxylin optical-density cut of the built-in method; default estimated once on up to
-        16 tissue boxes of the image, so that every tile uses the same cut.
+        16 boxes of 1024 px, so that every tile uses the same cut. With a tissue mask, boxes at least
+        half covered by tissue are preferred and only their tissue pixels count, so the cut of a whole
+        section matches that of a window cut from its interior.
     tissue_key
         Labels element with a tissue mask (:func:`bitro.pp.detect_tissue`); when it exists, tiles
         without tissue are skipped. ``None`` processes every tile.
