@@ -182,9 +182,18 @@ def run(quick: bool) -> dict[str, Any]:
     ]
     plan.sort(key=lambda cf: (cf[0]["group"] != "main", cf[1]))  # all main runs first, fold by fold
     rows, speed = [], []
+    reused = _reusable(name, quick, kw, len(genes))
     out: dict[str, Any] = {}
     for cfg, f in plan:
         test_name = names[f]
+        key = (cfg["name"], cfg["target"], test_name)
+        if cfg["model"] == "bitro" and key in reused:  # a bitro fit of an interrupted run of this protocol
+            rows += reused[key]["rows"]
+            speed += reused[key]["speed"]
+            logger.info(
+                "accuracy: fold %d %s %s (%s): reused from %s", f, test_name, *key[:2], reused[key]["commit"]
+            )
+            continue
         train = [sections[n] for n in names if n != test_name]
         t_fit = time.perf_counter()
         model = _fit(cfg, train, genes, kw)
@@ -218,6 +227,38 @@ def run(quick: bool) -> dict[str, Any]:
     return out
 
 
+def _reusable(name: str, quick: bool, kw: dict[str, Any], n_genes: int) -> dict[tuple, dict[str, Any]]:
+    """bitro fits already in ``results/<name>.json`` from an interrupted run with the same protocol.
+
+    Only the slow bitro fits are reused (baselines are refitted); every reused row keeps the commit it
+    was computed at, and the result lists those commits.
+    """
+    import json
+
+    from benchmarks._common import RESULTS_DIR
+
+    path = RESULTS_DIR / f"{name}.json"
+    if quick or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    p = old.get("protocol", {})
+    if old.get("meta", {}).get("quick") or p.get("bitro_fit_kwargs") != kw or p.get("n_genes") != n_genes:
+        return {}
+    if p.get("window_half_px") != SETTINGS["window"]:
+        return {}
+    commit = old["meta"]["git"]["commit"]
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in old.get("rows", []):
+        key = (r["run"], r["target"], r["test"])
+        out.setdefault(key, {"rows": [], "speed": [], "commit": r.get("commit", commit)})
+        out[key]["rows"].append({**r, "commit": r.get("commit", commit)})
+    for sp in old.get("speed", []):
+        key = (sp["run"], sp["target"], sp["test"])
+        if key in out:
+            out[key]["speed"].append(sp)
+    return {k: v for k, v in out.items() if v["speed"] and not k[0].startswith(("ridge", "mlp", "depth"))}
+
+
 def _result(name, quick, t0, names, folds_main, folds_ab, genes, kw, sections, rows, speed) -> dict[str, Any]:
     out = {
         "name": name,
@@ -237,6 +278,7 @@ def _result(name, quick, t0, names, folds_main, folds_ab, genes, kw, sections, r
         },
         "rows": rows,
         "speed": speed,
+        "reused_commits": sorted({r["commit"] for r in rows if "commit" in r}),
     }
     out["markdown"] = markdown(out)
     return out

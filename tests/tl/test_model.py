@@ -135,6 +135,17 @@ def test_baselines_share_predict_path(kind, toy_slides):
         np.testing.assert_allclose(frac, np.broadcast_to(frac[0], frac.shape), atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["ridge", "depth"])
+def test_baselines_do_not_extrapolate_outliers(kind, toy_slides):
+    model = bt.tl.fit(toy_slides[:2], genes=GENES, model=kind, seed=0)
+    test = light_copy(toy_slides[2])
+    test["cells"].obsm["X_bitro"] = test["cells"].obsm["X_bitro"] * 1e4  # absurd features
+    model.predict(test, key_added="base")
+    layer = test["spots"].layers["base"]
+    train_max = max(np.log1p(s["spots"].layers["counts"]).max() for s in toy_slides[:2])
+    assert np.isfinite(layer).all() and layer.max() <= train_max + 1e-4
+
+
 def test_target_library_size(toy_slides):
     model = _fit(toy_slides[:2], max_epochs=2, target="library_size")
     assert model.transform.scale == "library_size" and model.transform.target_sum > 0

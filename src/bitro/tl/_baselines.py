@@ -6,6 +6,9 @@
   over genes by the training gene fractions — how far "more molecules everywhere" gets.
 - ``"cell_count"``: a per-gene linear model on log(1 + cells in the bag) alone.
 - ``"mean"``: the training mean of every gene.
+
+Ridge, MLP and depth predictions are clipped to the range seen in training (per gene, or of the log
+total count), so that a spot with outlying features cannot receive an unbounded extrapolation.
 """
 
 from __future__ import annotations
@@ -114,6 +117,10 @@ class BaselineModel:
         x, n_cells, counts = np.concatenate(feats), np.concatenate(ncell), np.concatenate(counts)
         self.transform = TargetTransform.fit(counts, self.genes, scale=target)
         y = self.transform.encode(counts)
+        # predictions are clipped to the training range: a linear probe extrapolates without bound on
+        # outlying features (seen on HER2ST C4: one spot predicted at log1p 923 ≈ e^923 molecules)
+        self.z_range = (y.min(axis=0), y.max(axis=0))
+        self.log_total_range = (float(np.log1p(counts.sum(axis=1)).min()), float(np.log1p(counts.sum(axis=1)).max()))
         n_comp = int(min(n_components, x.shape[0] - 1, x.shape[1]))
         if kind in ("ridge", "depth", "mlp"):
             head = (
@@ -149,9 +156,9 @@ class BaselineModel:
         out = np.full((len(names), len(self.genes)), np.nan)
         x = pooled[keep]
         if self.kind in ("ridge", "mlp"):
-            out[keep] = self.transform.to_log1p(self.regressor.predict(x))
+            out[keep] = self.transform.to_log1p(np.clip(self.regressor.predict(x), *self.z_range))
         elif self.kind == "depth":
-            total = np.expm1(self.regressor.predict(x))[:, None]
+            total = np.expm1(np.clip(self.regressor.predict(x), *self.log_total_range))[:, None]
             counts = np.clip(total, 0, None) * self.fractions[None, :]
             z = self.transform.encode(counts)
             out[keep] = self.transform.to_log1p(z)
