@@ -384,6 +384,11 @@ def run(quick: bool) -> dict[str, Any]:
     return out
 
 
+def _cpu(row: dict[str, Any]) -> float:
+    """CPU seconds of the measured steps (user + system, all threads; less load-sensitive than wall time)."""
+    return round(sum(v.get("cpu_seconds", 0.0) for k, v in row["steps"].items() if not k.startswith("build")), 1)
+
+
 def _ratio(a: float, b: float) -> float:
     return round(a / b, 2) if b else float("nan")
 
@@ -399,7 +404,8 @@ def markdown(res: dict[str, Any]) -> str:
         "assignment → cell graph → prediction with a small saved bitro model (hidden 32, 100 genes). "
         "Peak RSS is sampled per step (every 50 ms); worker max RSS is the process's `ru_maxrss` (it includes "
         "imports and the model). Growth = value / value at the smallest size; cells grow by the 'cells ×' "
-        "column. One thread for torch; machine shared with other jobs, so times are upper bounds.",
+        "column. One thread for torch; the machine is shared with other jobs (load about 2–2.5 per core), so wall "
+        "times are upper bounds and the CPU-time columns are the fairer growth measure.",
         "",
     ]
     ok = [r for r in res.get("rows", []) if "error" not in r]
@@ -411,18 +417,20 @@ def markdown(res: dict[str, Any]) -> str:
                 r["n_cells_truth"],
                 r["n_cells_segmented"],
                 r["pipeline_seconds"],
+                _cpu(r),
                 r["pipeline_peak_rss_mb"],
                 r["worker_max_rss_mb"],
                 _ratio(r["n_cells_segmented"], base["n_cells_segmented"]),
                 _ratio(r["pipeline_seconds"], base["pipeline_seconds"]),
+                _ratio(_cpu(r), _cpu(base)),
                 _ratio(r["pipeline_peak_rss_mb"], base["pipeline_peak_rss_mb"]),
                 r["generate_seconds"],
                 r["generate_max_rss_mb"],
             ]
             for r in ok
         ]
-        header = ["px", "true cells", "segmented", "pipeline (s)", "pipeline peak RSS (MB)"]
-        header += ["worker max RSS (MB)", "cells ×", "time ×", "memory ×"]
+        header = ["px", "true cells", "segmented", "pipeline (s)", "pipeline CPU (s)", "pipeline peak RSS (MB)"]
+        header += ["worker max RSS (MB)", "cells ×", "time ×", "CPU ×", "memory ×"]
         header += ["generate once (s, not measured)", "generator RSS (MB)"]
         lines += [md_table(header, rows, digits=1), ""]
         mosaics = [f"{r['size_px']} px: {r['blocks']} blocks" for r in ok if r.get("blocks", 1) > 1]
@@ -435,12 +443,13 @@ def markdown(res: dict[str, Any]) -> str:
         steps = list(ok[0]["steps"])
         lines.append(
             md_table(
-                ["px", *[f"{s} (s / MB)" for s in steps]],
+                ["px", *[f"{s} (s / CPU s / MB)" for s in steps]],
                 [
                     [
                         r["size_px"],
                         *[
-                            f"{r['steps'][s]['seconds']:.1f} / {r['steps'][s]['peak_rss_mb']:.0f}"
+                            f"{r['steps'][s]['seconds']:.1f} / {r['steps'][s]['cpu_seconds']:.1f} / "
+                            f"{r['steps'][s]['peak_rss_mb']:.0f}"
                             if s in r["steps"]
                             else "–"
                             for s in steps
