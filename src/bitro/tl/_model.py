@@ -33,6 +33,8 @@ LEVELS = ("spot", "bulk")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 BULK_LOG_FLOOR = 0.0
+#: Cells per chunk when predict writes the per-cell outputs (bounds its cells x genes temporaries).
+_PREDICT_CHUNK = 65_536
 
 
 def _as_list(sdatas: Any) -> list[sd.SpatialData]:
@@ -704,6 +706,10 @@ class BiTroModel:
                     f"{what}.layers[{key_added!r}] already exists; pass overwrite=True or another key_added."
                 )
                 raise ValueError(msg)
+        obsm_key = f"X_{key_added}_expr"
+        if obsm_key in cells.obsm and not overwrite:
+            msg = f"cells.obsm[{obsm_key!r}] already exists; pass overwrite=True or another key_added."
+            raise ValueError(msg)
         log_units = self.transform.to_log1p(z)
         counts_units = self.transform.to_counts(z)
         provenance = self._provenance()
@@ -720,15 +726,9 @@ class BiTroModel:
             overwrite=overwrite,
         )
 
-        # cells: pseudo single-cell expression in count space
-        bag_of_cell = np.repeat(np.arange(bags.n_bags), bags.n_cells)
-        pseudo = attn * counts_units[bag_of_cell]  # (N_in_bags, G)
+        # cells: pseudo single-cell expression in count space, written chunk by chunk so that no
+        # further cells x genes temporaries (float64 products, a NaN-padded copy) are held at once
         n_all = cells.n_obs
-        full = np.full((n_all, len(self.genes)), np.nan, dtype=np.float32)
-        full[bags.cell_obs] = pseudo
-        lib = np.nansum(full, axis=1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            normed = np.log1p(np.where(lib > 0, full / lib * 1e4, np.nan))
         if cells.n_vars == 0:
             new = ad.AnnData(
                 X=sparse.csr_matrix((n_all, len(self.genes)), dtype=np.float32),
@@ -742,15 +742,21 @@ class BiTroModel:
             sdata.tables[self.keys["cells"]] = new
             cells = new
         cell_layer = np.full((n_all, cells.n_vars), np.nan, dtype=np.float32)
+        normed = np.full((n_all, len(self.genes)), np.nan, dtype=np.float32)  # NaN outside every bag
         ccols = cells.var_names.get_indexer(self.genes)
         chave = ccols >= 0
-        cell_layer[:, ccols[chave]] = np.log1p(full[:, chave])
+        bag_of_cell = np.repeat(np.arange(bags.n_bags), bags.n_cells)
+        for start in range(0, len(bags.cell_obs), _PREDICT_CHUNK):
+            part = slice(start, start + _PREDICT_CHUNK)
+            rows = bags.cell_obs[part]
+            pseudo = (attn[part] * counts_units[bag_of_cell[part]]).astype(np.float32)  # (n, G)
+            lib = np.nansum(pseudo, axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                normed[rows] = np.log1p(np.where(lib > 0, pseudo / lib * 1e4, np.nan))
+            cell_layer[np.ix_(rows, ccols[chave])] = np.log1p(pseudo[:, chave])
+        del attn
         cells.layers[key_added] = cell_layer
-        obsm_key = f"X_{key_added}_expr"
-        if obsm_key in cells.obsm and not overwrite:
-            msg = f"cells.obsm[{obsm_key!r}] already exists; pass overwrite=True or another key_added."
-            raise ValueError(msg)
-        cells.obsm[obsm_key] = normed.astype(np.float32)  # NaN for cells outside every bag
+        cells.obsm[obsm_key] = normed
         cells.obs[f"{key_added}_in_bag"] = np.isin(np.arange(n_all), bags.cell_obs)
         cells.uns[key_added] = {**provenance, "genes": list(self.genes), "obsm_key": obsm_key}
         out = {"units": layer, "cells": cell_layer}
