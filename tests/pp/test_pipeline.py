@@ -209,3 +209,22 @@ def test_a_worker_killed_mid_slide_is_retried(client, slides, tmp_path):
     assert (report["status"] == "done").all()
     assert all("tissue" in sd.read_zarr(out / f"{n}.zarr").labels for n in ("s0", "s1"))
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "s0.zarr", "s1.zarr"]
+
+
+@pytest.mark.slow
+def test_one_busy_worker_does_not_deadlock(slides, reference, tmp_path):
+    """A slide task must not submit its tiles to its own cluster and wait: with one worker thread that
+    would wait forever. The run is given a deadline so a regression fails instead of hanging."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    distributed = pytest.importorskip("distributed")
+    ref, _ = reference
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster, distributed.Client(cluster) as client, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            bt.pp.run_pipeline, [slides["s0"], slides["s1"]], out=tmp_path / "out", client=client, **FAST
+        )
+        report = future.result(timeout=300)
+    assert (report["status"] == "done").all()
+    _same_cells(tmp_path / "out" / "s0.zarr", ref / "s0.zarr")

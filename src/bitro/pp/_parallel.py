@@ -70,9 +70,27 @@ def check_parallel_args(client: Any, scheduler: str | None, on_error: str) -> No
         raise ValueError(msg)
 
 
-def active_client() -> Any:
-    """The ``distributed.Client`` active in this process, or ``None`` (never imports distributed)."""
+def on_worker() -> bool:
+    """Whether this code runs inside a task on a ``dask.distributed`` worker."""
     if "distributed" not in sys.modules:
+        return False
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def active_client() -> Any:
+    """The ``distributed.Client`` active in this process, or ``None`` (never imports distributed).
+
+    Inside a task on a worker this is ``None``: a task that submits tiles to its own cluster and
+    waits for them can deadlock when every worker thread is busy with such a task (e.g. one slide
+    per worker in :func:`bitro.pp.run_pipeline`), so nested work runs in the task's own thread.
+    """
+    if "distributed" not in sys.modules or on_worker():
         return None
     from distributed import default_client
 

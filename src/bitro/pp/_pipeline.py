@@ -223,8 +223,15 @@ def _process_slide(
     worker_settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read, preprocess and write one slide; return its cell count and seconds (raises on failure)."""
+    import dask
+
+    from bitro.pp._parallel import on_worker
+
     start = time.perf_counter()
-    with _settings_as(worker_settings):
+    # on a distributed worker, dask work inside the slide (lazy images, zarr writes) stays in this
+    # task's thread: submitting it to the same cluster and waiting can deadlock (see active_client)
+    local = dask.config.set(scheduler="synchronous") if on_worker() else contextlib.nullcontext()
+    with _settings_as(worker_settings), local:
         sdata = apply_steps(_load(source, reader), options)
         n_cells = sdata.tables[K.CELLS].n_obs if K.CELLS in sdata.tables else None
         _write(sdata, Path(out), name, overwrite=options.overwrite)
