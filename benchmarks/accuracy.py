@@ -374,6 +374,7 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             _table(_summary(rows, "ablation", folds_ab), ab_order),
             "",
+            _ablation_reading(_summary(rows, "ablation", folds_ab)),
         ]
     sp = pd.DataFrame(res["speed"])
     sp = (
@@ -422,6 +423,35 @@ def markdown(res: dict[str, Any]) -> str:
         _noise_note(sp),
     ]
     return "\n".join(lines)
+
+
+COMPONENTS = {
+    "bitro no GAT": "the GAT (local graph)",
+    "bitro no Transformer": "the Transformer (global context)",
+    "bitro mean pooling": "gene-query attention pooling (mean pooling instead)",
+}
+
+
+def _ablation_reading(summary) -> str:
+    """Say plainly when removing one of the paper's components does not lower normalised PCC_gene."""
+    sub = summary[(summary["metric"] == "pcc_gene") & (summary["scale"] == "library_size")]
+    full = sub[(sub["run"] == "bitro") & (sub["target"] == "library_size")]["mean"]
+    if full.empty:
+        return ""
+    full_v, out = float(full.iloc[0]), []
+    for run, what in COMPONENTS.items():
+        hit = sub[sub["run"] == run]["mean"]
+        if hit.empty:
+            continue
+        v = float(hit.iloc[0])
+        if v >= full_v - 0.01:
+            out.append(
+                f"- Removing {what} does **not** lower normalised PCC_gene ({v:.3f} without, {full_v:.3f} "
+                "with): on these folds that component does not carry bitro's result."
+            )
+        else:
+            out.append(f"- Removing {what} lowers normalised PCC_gene from {full_v:.3f} to {v:.3f}.")
+    return ("**Reading.**\n\n" + "\n".join(out) + "\n") if out else ""
 
 
 def _noise_note(speed) -> str:
