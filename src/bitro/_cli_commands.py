@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import uuid
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bitro import _keys as K
+from bitro._files import remove_path as _remove
 from bitro._logging import logger
 from bitro.io._read import guess_reader as _guess_reader
 from bitro.io._read import read_sdata
@@ -37,13 +37,6 @@ def check_output(path: str | Path, *, overwrite: bool, flag: str = "--overwrite"
         msg = f"output {str(path)!r} already exists; pass {flag} to replace it, or choose another path."
         raise FileExistsError(msg)
     return path
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def replace_path(write: Callable[[Path], Any], path: str | Path, *, overwrite: bool) -> Path:

@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 import warnings
@@ -27,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from bitro import _keys as K
+from bitro._files import remove_path as _remove
 from bitro._logging import logger
 from bitro._settings import progress, resolve_seed, settings
 
@@ -139,13 +139,6 @@ def apply_steps(sdata: Any, options: PipelineOptions) -> Any:
 
 
 # --------------------------------------------------------------------------------------- one slide
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def _fresh(sdata: Any) -> Any:
     """A new SpatialData sharing the (lazy) images, labels, points and shapes, with copied tables.
 
@@ -313,18 +306,11 @@ def _named_inputs(inputs: Any) -> dict[str, Any]:
 
 
 def _resolve_client(client: Any) -> Any:
+    from bitro.pp._parallel import active_client
+
     if client is False:
         return None
-    if client is not None:
-        return client
-    try:
-        from distributed import default_client
-    except ImportError:
-        return None
-    try:
-        return default_client()
-    except ValueError:  # no client running
-        return None
+    return client if client is not None else active_client()
 
 
 def _message(err: BaseException) -> str:
