@@ -1,6 +1,8 @@
-"""Entry point of the benchmark harness: ``python -m benchmarks [--quick] [--only NAME ...] [--out PATH]``.
+"""Entry point of the benchmark harness: ``python -m benchmarks [--quick | --full] [--only NAME ...]``.
 
-Runs the selected benchmarks (default: the standard set), writes ``benchmarks/results/<name>.json``
+Runs the selected benchmarks (default: the standard set, about half an hour on the 2-core reference
+machine; ``--full`` adds the slow ones: the accuracy ablations, scaling, bulk memory and distributed
+runs), writes ``benchmarks/results/<name>.json``
 for each, then regenerates the results page (default ``docs/benchmarks.md``) from *all* JSON files
 present, so a page always reflects the latest run of every benchmark. ``--page-only`` rebuilds the
 page without running anything. See ``benchmarks/README.md``.
@@ -31,7 +33,10 @@ BENCHMARKS = {
     "distributed": "benchmarks.distributed",
 }
 ALIASES = {"speed": "embedding"}
-STANDARD = tuple(BENCHMARKS)
+#: Benchmarks that only run with ``--full`` (or when named with ``--only``): each takes 10 min or more.
+FULL_ONLY = ("scaling", "bulk_memory", "distributed")
+STANDARD = tuple(n for n in BENCHMARKS if n not in FULL_ONLY)
+FULL = tuple(BENCHMARKS)
 
 
 def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
@@ -55,6 +60,8 @@ def _merge_ablations(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
         return results
     if acc is None or acc["meta"].get("quick") != ab["meta"].get("quick"):
         results["accuracy_ablations"] = ab
+        return results
+    if any(r["group"] == "ablation" for r in acc["rows"]):  # a --full run: its own ablations are newer
         return results
     from benchmarks.accuracy import markdown
 
@@ -129,7 +136,7 @@ def _provenance(results: dict[str, dict[str, Any]]) -> list[str]:
                 name,
                 m.get("date_utc"),
                 m["git"]["commit"][:10] + ("+dirty" if m["git"].get("dirty") else ""),
-                "quick" if m["quick"] else "standard",
+                "quick" if m["quick"] else ("full" if m.get("full") else "standard"),
                 m["wall_seconds"],
                 str(m["machine"]["load_average"]),
             ]
@@ -191,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
         "--quick", action="store_true", help="small inputs, one fold, few epochs (a few minutes)"
     )
     parser.add_argument(
+        "--full",
+        action="store_true",
+        help=f"also run the slow set: accuracy ablations, {', '.join(FULL_ONLY)} (a few hours)",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         metavar="NAME",
@@ -224,12 +236,20 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logger.setLevel(logging.INFO)
-    names = [ALIASES.get(n, n) for n in (args.only or STANDARD)]
+    if args.quick and args.full:
+        parser.error(
+            "--quick and --full exclude each other: --quick shrinks every benchmark, --full adds the slow ones."
+        )
+    names = [ALIASES.get(n, n) for n in (args.only or (FULL if args.full else STANDARD))]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)} or 'speed'.")
     SETTINGS.update(
-        window=args.window, epochs=args.epochs, ablation_folds=args.ablation_folds, groups=args.groups
+        window=args.window,
+        epochs=args.epochs,
+        ablation_folds=args.ablation_folds,
+        groups=args.groups,
+        full=args.full,
     )
     if not args.page_only:
         for name in dict.fromkeys(names):

@@ -34,7 +34,13 @@ SEED = 0
 # (``--epochs``, ``--ablation-folds``); every result records what was used.
 # ``groups`` limits the accuracy benchmark to "main" or "ablation" runs (two processes can share the work;
 # the ablation-only result is written as ``accuracy_ablations`` and merged into the page).
-SETTINGS: dict[str, Any] = {"window": None, "epochs": None, "ablation_folds": None, "groups": None}
+SETTINGS: dict[str, Any] = {
+    "window": None,
+    "epochs": None,
+    "ablation_folds": None,
+    "groups": None,
+    "full": False,
+}
 
 # preprocessing of the real sections (recorded with every result that uses them)
 PREPROCESS = {
@@ -166,6 +172,7 @@ def metadata(*, quick: bool, seconds: float, seeds: dict[str, Any] | None = None
 
     return {
         "quick": quick,
+        "full": bool(SETTINGS["full"]),
         "wall_seconds": round(seconds, 1),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),

@@ -170,7 +170,7 @@ def run(quick: bool) -> dict[str, Any]:
         kw["max_epochs"] = int(SETTINGS["epochs"])
     folds_main = [0] if quick else list(range(len(names)))
     folds_ab = [0] if quick else list(SETTINGS["ablation_folds"] or ABLATION_FOLDS)
-    groups = SETTINGS["groups"] or ("main", "ablation")
+    groups = SETTINGS["groups"] or (("main", "ablation") if SETTINGS["full"] else ("main",))
     name = "accuracy" if "main" in groups or quick else "accuracy_ablations"
     plan = [
         (cfg, f)
@@ -375,6 +375,12 @@ def markdown(res: dict[str, Any]) -> str:
             _table(_summary(rows, "ablation", folds_ab), ab_order),
             "",
             _ablation_reading(_summary(rows, "ablation", folds_ab)),
+        ]
+    else:
+        lines += [
+            "_Ablations belong to the full set: `python -m benchmarks --full`, or "
+            "`python -m benchmarks --only accuracy --groups ablation` for them alone._",
+            "",
         ]
     sp = pd.DataFrame(res["speed"])
     sp = (

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -157,3 +159,35 @@ def test_cache_key_depends_on_parameters():
     assert a != common.cache_key("C2", ("efficientnet_lite0",), "crop", None)
     assert a != common.cache_key("C3", ("efficientnet_lite0",), "tile", None)
     assert a != common.cache_key("C2", ("efficientnet_lite0",), "tile", 800)
+
+
+def test_standard_set_leaves_the_slow_benchmarks_to_full(tmp_path, monkeypatch):
+    assert set(main.FULL) == set(main.BENCHMARKS)
+    assert not set(main.FULL_ONLY) & set(main.STANDARD)
+    assert "accuracy" in main.STANDARD and "scaling" in main.FULL_ONLY
+    with pytest.raises(SystemExit):
+        main.main(["--quick", "--full", "--page-only", "--out", str(tmp_path / "p.md")])
+    # --page-only with --full records the setting without running anything
+    for key in common.SETTINGS:
+        monkeypatch.setitem(common.SETTINGS, key, common.SETTINGS[key])  # restored after the test
+    monkeypatch.setattr(main, "load_results", dict)
+    main.main(["--full", "--page-only", "--out", str(tmp_path / "p.md")])
+    assert common.SETTINGS["full"] is True
+    assert "No results yet" in (tmp_path / "p.md").read_text()
+
+
+def test_full_run_ablations_are_not_merged_twice(tmp_path):
+    acc = fake_accuracy()  # holds one ablation row, as a --full run does
+    old = {**fake_accuracy(), "name": "accuracy_ablations"}
+    old["rows"] = [{**r, "value": 0.99} for r in old["rows"] if r["group"] == "ablation"]
+    for res in (acc, old):
+        common.write_result(res["name"], res, results_dir=tmp_path)
+    merged = main.load_results(tmp_path)["accuracy"]
+    ab = [r for r in merged["rows"] if r["group"] == "ablation"]
+    assert [r["value"] for r in ab] == [0.05]
+    # a standard run (main rows only) picks up the separate ablation file
+    main_only = {**acc, "rows": [r for r in acc["rows"] if r["group"] == "main"]}
+    common.write_result("accuracy", main_only, results_dir=tmp_path)
+    merged = main.load_results(tmp_path)["accuracy"]
+    assert [r["value"] for r in merged["rows"] if r["group"] == "ablation"] == [0.99]
+    assert "bitro no GAT" in merged["markdown"]
