@@ -228,6 +228,14 @@ def main(argv: list[str] | None = None) -> None:
         "--groups", nargs="+", choices=("main", "ablation"), help="accuracy: run only these groups"
     )
     parser.add_argument("--page-only", action="store_true", help="only rebuild the page from existing JSON")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run up to N benchmarks at once, each in its own process (longest first); 2 on a 2-core machine",
+    )
+    parser.add_argument("--no-page", action="store_true", help=argparse.SUPPRESS)  # children of --jobs
     args = parser.parse_args(argv)
 
     import logging
@@ -251,7 +259,13 @@ def main(argv: list[str] | None = None) -> None:
         groups=args.groups,
         full=args.full,
     )
-    if not args.page_only:
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}.")
+    if not args.page_only and args.jobs > 1 and len(set(names)) > 1:
+        from benchmarks._jobs import run_parallel
+
+        run_parallel(names, _child_args(args), args.jobs)
+    elif not args.page_only:
         for name in dict.fromkeys(names):
             t0 = time.perf_counter()
             logger.info("benchmarks: running %s%s", name, " (quick)" if args.quick else "")
@@ -262,10 +276,24 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             path = write_result(res.get("name", name), res)
             logger.info("benchmarks: %s done in %.0f s -> %s", name, time.perf_counter() - t0, path)
+    if args.no_page:
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(build_page(load_results()))
     logger.info("benchmarks: page written to %s", out)
+
+
+def _child_args(args: argparse.Namespace) -> list[str]:
+    """The options a ``--jobs`` child needs to run one benchmark as the parent would."""
+    out = [flag for flag, on in (("--quick", args.quick), ("--full", args.full)) if on]
+    for flag, value in (("--window", args.window), ("--epochs", args.epochs)):
+        if value is not None:
+            out += [flag, str(value)]
+    for flag, values in (("--ablation-folds", args.ablation_folds), ("--groups", args.groups)):
+        if values:
+            out += [flag, *map(str, values)]
+    return out
 
 
 if __name__ == "__main__":

@@ -74,7 +74,10 @@ def runs(quick: bool) -> list[dict[str, Any]]:
         ("bitro + cluster loss 0.1", {"cluster_weight": 0.1}),
         ("bitro without z-score", {"fit": {"zscore": False}}),
         ("bitro lr 1e-4 (paper)", {"fit": {"lr": 1e-4}}),
-        ("bitro dropout 0.3 + weight decay 1e-4", {"config": {"dropout": 0.3}, "fit": {"weight_decay": 1e-4}}),
+        (
+            "bitro dropout 0.3 + weight decay 1e-4",
+            {"config": {"dropout": 0.3}, "fit": {"weight_decay": 1e-4}},
+        ),
         ("bitro hidden 64", {"config": {"hidden_dim": 64, "ffn_dim": 128, "readout_hidden": 32}}),
         ("bitro morphology encoder", {"use_rep": "X_morphology"}),
         ("ridge morphology encoder", {"model": "ridge", "use_rep": "X_morphology"}),
@@ -366,7 +369,11 @@ def markdown(res: dict[str, Any]) -> str:
             "### Ablations",
             "",
             f"**Protocol.** Same as above but only held-out folds {', '.join(folds_ab)} (CPU time"
-            + (f"; fold(s) {', '.join(skipped)} did not finish for every variant and are left out" if skipped else "")
+            + (
+                f"; fold(s) {', '.join(skipped)} did not finish for every variant and are left out"
+                if skipped
+                else ""
+            )
             + "); every "
             "variant is trained on the normalised target and compared with the full model on the same folds "
             "(first row). 'pseudo-bulk → spot' trains a bulk-level model on the pseudo-bulk of the four training "

@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         t = time.perf_counter()
         with (
-            LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None)
-            as cluster,
+            LocalCluster(
+                n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
             Client(cluster) as client,
         ):
             result["cluster_start_s"] = round(time.perf_counter() - t, 1)

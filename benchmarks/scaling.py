@@ -386,7 +386,9 @@ def run(quick: bool) -> dict[str, Any]:
 
 def _cpu(row: dict[str, Any]) -> float:
     """CPU seconds of the measured steps (user + system, all threads; less load-sensitive than wall time)."""
-    return round(sum(v.get("cpu_seconds", 0.0) for k, v in row["steps"].items() if not k.startswith("build")), 1)
+    return round(
+        sum(v.get("cpu_seconds", 0.0) for k, v in row["steps"].items() if not k.startswith("build")), 1
+    )
 
 
 def _ratio(a: float, b: float) -> float:
@@ -429,14 +431,23 @@ def markdown(res: dict[str, Any]) -> str:
             ]
             for r in ok
         ]
-        header = ["px", "true cells", "segmented", "pipeline (s)", "pipeline CPU (s)", "pipeline peak RSS (MB)"]
+        header = [
+            "px",
+            "true cells",
+            "segmented",
+            "pipeline (s)",
+            "pipeline CPU (s)",
+            "pipeline peak RSS (MB)",
+        ]
         header += ["worker max RSS (MB)", "cells ×", "time ×", "CPU ×", "memory ×"]
         header += ["generate once (s, not measured)", "generator RSS (MB)"]
         lines += [md_table(header, rows, digits=1), ""]
         mosaics = [f"{r['size_px']} px: {r['blocks']} blocks" for r in ok if r.get("blocks", 1) > 1]
         if mosaics:
             lines += [
-                "Mosaic slides (" + ", ".join(mosaics) + ") are generated block by block (seeds 0, 1, …) into "
+                "Mosaic slides ("
+                + ", ".join(mosaics)
+                + ") are generated block by block (seeds 0, 1, …) into "
                 "zarr, so their generator RSS is that of one block.",
                 "",
             ]
@@ -489,8 +500,10 @@ def markdown(res: dict[str, Any]) -> str:
                 _ratio(r["n_cells"], base["n_cells"]),
                 _ratio(r["pipeline_seconds"], base["pipeline_seconds"]),
                 _ratio(r["pipeline_peak_rss_mb"], base["pipeline_peak_rss_mb"]),
-                *[f"{r['steps'][s]['seconds']:.1f} / {r['steps'][s]['peak_rss_mb']:.0f}" for s in
-                  ("assign_cells", "cell_graph", "predict")],
+                *[
+                    f"{r['steps'][s]['seconds']:.1f} / {r['steps'][s]['peak_rss_mb']:.0f}"
+                    for s in ("assign_cells", "cell_graph", "predict")
+                ],
             ]
             for r in pok
         ]

@@ -191,3 +191,50 @@ def test_full_run_ablations_are_not_merged_twice(tmp_path):
     merged = main.load_results(tmp_path)["accuracy"]
     assert [r["value"] for r in merged["rows"] if r["group"] == "ablation"] == [0.99]
     assert "bitro no GAT" in merged["markdown"]
+
+
+def test_jobs_start_the_longest_first_and_forward_the_options(tmp_path, monkeypatch):
+    from benchmarks import _jobs
+
+    for name, secs in (("cells", 50.0), ("bulk", 900.0)):
+        common.write_result(
+            name, {"name": name, "meta": {**META, "wall_seconds": secs}}, results_dir=tmp_path
+        )
+    (tmp_path / "stain.json").write_text("{broken")  # unreadable: falls back to the default
+    assert _jobs.schedule(["cells", "stain", "bulk", "accuracy"], tmp_path) == [
+        "bulk",  # 900 s on disk beats accuracy's default
+        "accuracy",
+        "stain",  # default 60 s
+        "cells",  # 50 s on disk
+    ]
+    args = main.argparse.Namespace(
+        quick=False, full=True, window=800, epochs=None, ablation_folds=[0, 2], groups=None
+    )
+    assert main._child_args(args) == ["--full", "--window", "800", "--ablation-folds", "0", "2"]
+
+    started, live, peak = [], set(), [0]
+
+    class FakeProc:
+        def __init__(self, cmd, **kw):
+            self.name = cmd[cmd.index("--only") + 1]
+            self.polls = 0
+            started.append(cmd)
+            live.add(self.name)
+            peak[0] = max(peak[0], len(live))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            live.discard(self.name)
+            self.returncode = 3 if self.name == "cells" else 0
+            return self.returncode
+
+    monkeypatch.setattr(_jobs.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(_jobs.time, "sleep", lambda s: None)
+    monkeypatch.setattr(_jobs, "RESULTS_DIR", tmp_path)
+    codes = _jobs.run_parallel(["cells", "stain", "bulk"], ["--full"], jobs=2)
+    assert codes == {"bulk": 0, "cells": 3, "stain": 0}  # a failing child does not stop the others
+    assert peak[0] == 2
+    assert started[0][started[0].index("--only") + 1] == "bulk"
+    assert all(c[-2:] == ["--no-page", "--full"] for c in started)
