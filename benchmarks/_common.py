@@ -88,13 +88,19 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> dict[str, Any]:
-    """Current commit and whether the work tree has uncommitted changes (read-only git calls)."""
+    """Current commit and whether the work tree has uncommitted changes (read-only git calls).
+
+    The harness's own outputs (``benchmarks/results/``, the page) do not count as changes: a run
+    rewrites them as it goes.
+    """
 
     def _git(*args: str) -> str:
         res = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
         return res.stdout.strip()
 
-    return {"commit": _git("rev-parse", "HEAD") or "unknown", "dirty": bool(_git("status", "--porcelain"))}
+    outputs = (":(exclude)benchmarks/results", ":(exclude)docs/benchmarks.md")
+    dirty = bool(_git("status", "--porcelain", "--", ".", *outputs))
+    return {"commit": _git("rev-parse", "HEAD") or "unknown", "dirty": dirty}
 
 
 # --------------------------------------------------------------------------- time and memory

@@ -238,3 +238,24 @@ def test_jobs_start_the_longest_first_and_forward_the_options(tmp_path, monkeypa
     assert peak[0] == 2
     assert started[0][started[0].index("--only") + 1] == "bulk"
     assert all(c[-2:] == ["--no-page", "--full"] for c in started)
+
+
+def test_results_written_by_a_run_do_not_mark_the_tree_dirty(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True)
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    assert common.git_commit()["dirty"] is False
+    (tmp_path / "benchmarks" / "results" / "a.json").write_text('{"new": 1}')
+    (tmp_path / "benchmarks" / "results" / "b.json").write_text("{}")
+    assert common.git_commit()["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert common.git_commit()["dirty"] is True
