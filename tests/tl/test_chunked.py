@@ -135,3 +135,20 @@ def test_bad_max_cells_per_step(toy_bulk_slides, bad):
     model = _bulk_model(toy_bulk_slides[:1])
     with pytest.raises(ValueError, match="max_cells_per_step"):
         model.train(max_epochs=1, device="cpu", max_cells_per_step=bad)
+
+
+def test_chunked_bulk_training_resumes_exactly(toy_bulk_slides, tmp_path):
+    """Interrupted after 2 of 4 epochs and resumed from its checkpoint = an uninterrupted seeded run."""
+    slides = toy_bulk_slides[:3]
+    kw = {"lr": 1e-3, "validation_fraction": 0.0, "device": "cpu", "max_cells_per_step": CHUNK, "patience": 50}
+    full = _bulk_model(slides, dropout=0.2)
+    full.train(max_epochs=4, checkpoint_dir=tmp_path / "full", **kw)
+    cut = _bulk_model(slides, dropout=0.2)
+    cut.train(max_epochs=2, checkpoint_dir=tmp_path / "cut", **kw)
+    assert len(cut.history["epoch"]) == 2 and cut.weights_hash() != full.weights_hash()
+    resumed = _bulk_model(slides, dropout=0.2)
+    resumed.train(max_epochs=4, checkpoint_dir=tmp_path / "cut", **kw)
+    assert resumed.history["epoch"] == [1, 2, 3, 4]
+    np.testing.assert_array_equal(resumed.history["train_loss"], full.history["train_loss"])
+    assert resumed.weights_hash() == full.weights_hash()
+    assert not list((tmp_path / "cut").glob("*.pkl")) and not list((tmp_path / "cut").glob("*.pt"))
