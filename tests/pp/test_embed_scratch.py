@@ -244,3 +244,15 @@ def test_skipped_tiles_are_retried_by_the_rerun(segmented, tmp_path, monkeypatch
     bt.pp.embed_cells(out, scratch_dir=scratch, on_error="skip", **_kwargs("morphology"))
     assert len(calls) == 1 and out.tables["cells"].uns["X_bitro"]["skipped_tiles"] == []
     np.testing.assert_array_equal(out.tables["cells"].obsm["X_bitro"], ref.tables["cells"].obsm["X_bitro"])
+
+
+def test_plain_dask_writes_the_same_scratch(segmented, tmp_path):
+    ref = _copy(segmented)
+    bt.pp.embed_cells(ref, **_kwargs("morphology"))
+    out = _copy(segmented)
+    scratch = tmp_path / "threads"
+    bt.pp.embed_cells(
+        out, scratch_dir=scratch, keep_scratch=True, scheduler="threads", **_kwargs("morphology")
+    )
+    assert out.tables["cells"].uns["X_bitro"]["execution"]["backend"] == "dask" and len(_files(scratch)) >= 4
+    np.testing.assert_array_equal(out.tables["cells"].obsm["X_bitro"], ref.tables["cells"].obsm["X_bitro"])
