@@ -308,6 +308,37 @@ def test_preprocess_cohort_skips_done_slides_and_reports_failures(synthetic_zarr
     assert "X_bitro" in sd.read_zarr(folder / "bad.zarr").tables["cells"].obsm
 
 
+def test_preprocess_scratch_dir_reaches_the_steps(synthetic_zarr, tmp_path, capsys, monkeypatch):
+    seen = []
+    for name in ("segment_cells", "embed_cells"):
+        real = getattr(bitro.pp, name)
+
+        def spy(sdata, *, _real=real, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("scratch_dir"), kwargs.get("keep_scratch")))
+            return _real(sdata, **kwargs)
+
+        monkeypatch.setattr(bitro.pp, name, spy)
+    scratch = tmp_path / "scratch"
+    args = ["preprocess", str(synthetic_zarr), "--reader", "zarr", "--encoder", "morphology"]
+    args += ["--stain", "none", "--patches", "--scratch-dir", str(scratch)]
+    assert main([*args, "--out", str(tmp_path / "one.zarr")]) == 0
+    slide = scratch.resolve() / "syn"
+    assert seen == [("segment_cells", slide / "segment", True), ("embed_cells", slide / "embed", True)]
+    assert list(scratch.iterdir()) == []  # removed once the slide is written
+    assert "X_bitro" in sd.read_zarr(tmp_path / "one.zarr").tables["cells"].obsm
+
+    seen.clear()
+    assert main([*args, "--cohort", "--out", str(tmp_path / "cohort")]) == 0
+    assert [s[1] for s in seen] == [slide / "segment", slide / "embed"]
+    assert list(scratch.iterdir()) == []
+
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    bad = [*args[:-1], str(tmp_path / "a_file"), "--out", str(tmp_path / "two.zarr")]
+    assert main(bad) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 def test_preprocess_argument_errors(synthetic_zarr, tmp_path, capsys):
     two = [str(synthetic_zarr), str(synthetic_zarr)]
     assert main(["preprocess", *two, "--out", str(tmp_path / "o.zarr")]) == 2

@@ -318,21 +318,24 @@ def pipeline_options(args: argparse.Namespace) -> Any:
         device=args.device,
         seed=args.seed,
         overwrite=args.overwrite,
+        scratch_dir=args.scratch_dir,
     )
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """``bitro preprocess``: one slide to one zarr, or a cohort into a folder (resumable, see ``run_pipeline``)."""
     import bitro as bt
-    from bitro.pp._pipeline import apply_steps
+    from bitro.pp._pipeline import apply_steps, remove_slide_scratch, slide_scratch
 
     check_device(args.device)
     jobs = make_jobs(args)
     options = pipeline_options(args)
     if not args.cohort:
         target = check_output(args.out, overwrite=args.overwrite)
-        sdata = apply_steps(jobs[0].read(), options)
+        scratch = slide_scratch(options, jobs[0].name)
+        sdata = apply_steps(jobs[0].read(), options, scratch=scratch)
         write_sdata(sdata, target, overwrite=args.overwrite)
+        remove_slide_scratch(scratch)
         out(str(target))
         return 0
     folder = Path(args.out)
@@ -353,6 +356,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         retries=0,
         client=False,
         overwrite=args.overwrite,
+        scratch_dir=options.scratch_dir,
     )
     for row in report.itertuples():
         target = folder / f"{row.name}.zarr"

@@ -18,7 +18,7 @@ from bitro._version import __version__
 
 READERS = ("st", "hest", "visium", "wsi", "zarr")
 MODELS = ("bitro", "ridge", "mlp", "depth", "cell_count", "mean")
-USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, KeyError, ValueError)
 
 
 def _common() -> argparse.ArgumentParser:
@@ -101,6 +101,15 @@ def _add_preprocess(sub, parent) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs and elements")
+    p.add_argument(
+        "--scratch-dir",
+        metavar="DIR",
+        default=None,
+        help=(
+            "folder for per-tile segmentation and embedding results (DIR/<name>/segment, DIR/<name>/embed), "
+            "so an interrupted run resumes mid-slide; deleted per slide once its output is written"
+        ),
+    )
 
 
 def _add_fit(sub, parent) -> None:

@@ -150,6 +150,44 @@ def test_an_existing_folder_not_written_by_the_pipeline_is_not_touched(slides, t
     assert "tissue" in sd.read_zarr(out / "s0.zarr").labels and not (out / "s0.zarr" / "mine.txt").exists()
 
 
+def test_scratch_dir_resumes_a_slide_mid_way_with_the_same_outputs(reference, slides, tmp_path, monkeypatch):
+    from bitro.pp import _embed
+    from bitro.pp import _segment as seg
+
+    ref, _ = reference
+    scratch = tmp_path / "scratch"
+    out = tmp_path / "out"
+
+    def killed(sdata):
+        raise RuntimeError("killed after embedding")
+
+    steps = [*bt.pp._pipeline.STEPS[:4], killed]  # normalize, tissue, segment, embed, then the failure
+    report = bt.pp.run_pipeline([slides["s0"]], out=out, steps=steps, retries=0, scratch_dir=scratch, **FAST)
+    assert report.loc[0, "status"] == "failed"
+    for sub in ("segment", "embed"):  # the finished tiles are kept for the rerun
+        assert (scratch / "s0" / sub / "manifest.json").is_file()
+    assert len(list((scratch / "s0" / "segment").glob("tile_*.parquet"))) > 0
+    assert len(list((scratch / "s0" / "embed").glob("tile_*.npz"))) > 0
+
+    calls = []
+    segment_tile, features = seg.segment_tile, _embed._morphology_features
+    monkeypatch.setattr(seg, "segment_tile", lambda *a, **k: calls.append("segment") or segment_tile(*a, **k))
+    monkeypatch.setattr(_embed, "_morphology_features", lambda *a: calls.append("embed") or features(*a))
+    report = bt.pp.run_pipeline([slides["s0"]], out=out, scratch_dir=scratch, **FAST)
+    assert report.loc[0, "status"] == "done"
+    assert calls == []  # segmentation and embedding were read back, not recomputed
+    _same_cells(out / "s0.zarr", ref / "s0.zarr")
+    np.testing.assert_array_equal(
+        sd.read_zarr(out / "s0.zarr").tables["cells"].obsm["X_bitro"],
+        sd.read_zarr(ref / "s0.zarr").tables["cells"].obsm["X_bitro"],
+    )
+    assert list(scratch.iterdir()) == []  # the slide's tile files are removed once it is written
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        bt.pp.run_pipeline([slides["s0"]], out=tmp_path / "o", scratch_dir=tmp_path / "a_file")
+
+
 def test_run_pipeline_errors(slides, tmp_path):
     with pytest.raises(ValueError, match="unknown step 'segment'"):
         bt.pp.run_pipeline([slides["s0"]], out=tmp_path / "o", steps=["segment"])

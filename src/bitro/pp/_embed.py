@@ -15,12 +15,18 @@ surroundings.
   (stride 32 px for EfficientNet, ~16 µm at 0.5 µm/px, larger than a nucleus) this is bilinear
   interpolation at the centroid. The network's receptive field brings in the surrounding tissue.
 - ``encoder="morphology"`` measures each nucleus from its rasterised polygon (``mode`` is ignored).
+
+With ``scratch_dir`` each finished tile's features are written to disk at once
+(:class:`bitro.pp._scratch.FeatureStore`), a rerun resumes from those files, and the output matrix
+is assembled from them into one preallocated float32 array.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -32,14 +38,16 @@ from bitro._validate import check_not_exists
 from bitro.io._build import get_image, get_mpp, get_shapes, get_table, image_levels
 from bitro.pp._encoders import Encoder, get_encoder
 from bitro.pp._parallel import check_parallel_args, execution_info, map_tiles
+from bitro.pp._scratch import FeatureStore, check_scratch_dir
 
 if TYPE_CHECKING:
     import spatialdata as sd
 
 __all__ = ["embed_cells"]
 
-#: ``run(per_tile_func, items, boxes, shared, desc) -> results``: map_tiles with the call's options bound.
-RunTiles = Callable[[Callable[..., Any], list[Any], list[Any], Any, str], list[Any]]
+#: ``run(per_tile_func, items, boxes, shared, desc) -> results``: map_tiles with the call's options bound;
+#: the results (``(idx, features)`` or ``None`` per item) may be read lazily from the scratch folder.
+RunTiles = Callable[[Callable[..., Any], list[Any], list[Any], Any, str], Iterable[Any]]
 
 _SEGMENT_HINT = "Cells are created by bt.pp.segment_cells(sdata); run it first (or import a segmentation)."
 
@@ -62,6 +70,8 @@ def embed_cells(
     client: Any = None,
     scheduler: str | None = None,
     on_error: Literal["raise", "skip"] = "raise",
+    scratch_dir: str | Path | None = None,
+    keep_scratch: bool = False,
 ) -> None:
     """Embed every cell of table ``cells_key`` with an image encoder.
 
@@ -116,6 +126,23 @@ def embed_cells(
         ``"raise"``: a tile that cannot be read (e.g. a corrupt chunk) stops the run with an error
         naming the image and tile box. ``"skip"``: its cells keep zero features, a warning is
         logged and its boxes are listed in ``uns[key_added]["skipped_tiles"]``.
+    scratch_dir
+        Folder (created if missing) where the features of each finished tile (crop mode: group of
+        tiles) are written as soon as it is done (``tile_<i>.npz``: the cells' row indices and
+        float32 feature rows; written by this process as results arrive, also with a cluster), with
+        a ``manifest.json`` of the parameters that determine the features (encoder name and weights
+        fingerprint, mode, crop and tile sizes, level, device, image key and shape, cells key,
+        number of cells and a fingerprint of their centroids). Rerunning the same call with the same
+        folder after a crash only computes the missing tiles (tiles skipped with
+        ``on_error="skip"`` are retried) and gives identical features; different parameters raise
+        an error before any tile runs. The pixels themselves are not fingerprinted: use a new folder
+        if the image changed under the same key. The output matrix is filled from the files into one
+        preallocated array, so the features are not held twice in memory. ``None``: results are
+        gathered in memory only.
+    keep_scratch
+        Leave the tile files and manifest in ``scratch_dir`` after the run (a later identical call
+        then only re-assembles). ``False`` (default): delete them (and the folder, if nothing else is
+        in it) once ``obsm[key_added]`` is written; they duplicate the output.
 
     Returns
     -------
@@ -150,6 +177,7 @@ def embed_cells(
     seed = resolve_seed(seed)
 
     check_parallel_args(client, scheduler, on_error)
+    scratch = check_scratch_dir(scratch_dir) if scratch_dir is not None else None
 
     enc = get_encoder(encoder)
     dev = None
@@ -159,49 +187,84 @@ def embed_cells(
         torch.manual_seed(seed)
         dev = resolve_device(device)
         enc.to(dev)
+    if enc.kind == "mask":
+        used_mode = "mask"
+        shapes = get_shapes(sdata, K.shapes_key(cells_key), hint=_SEGMENT_HINT)
+        polygons = _polygons_for(table, shapes, downsample)
+    elif mode == "crop":
+        used_mode = "crop"
+    else:
+        if not enc.supports_tiles:
+            msg = f"Encoder {enc.name!r} has no feature map, so it cannot run in tile mode; use mode='crop'."
+            raise ValueError(msg)
+        used_mode = "tile"
     data = image.data
+    store = None
+    if scratch is not None:
+        manifest = {
+            "step": "embed_cells",
+            "encoder": _encoder_fingerprint(enc),
+            "mode": used_mode,
+            "image_key": image_key,
+            "image_shape": [int(v) for v in data.shape],
+            "level": int(level),
+            "cells_key": cells_key,
+            "n_cells": len(xy0),
+            "centroids_sha256": _sha256([xy0]),
+            "um_per_px": float(um_per_px),
+            "crop_um": float(crop_um),
+            "crop_px": float(crop_px),
+            "tile_size": int(tile_size),
+            "device": str(dev) if dev is not None else "cpu",
+        }
+        if used_mode == "crop":  # the grouping of tiles into tasks (and the forward batches)
+            manifest["batch_size"] = int(batch_size)
+        if used_mode == "mask":
+            manifest["polygons_sha256"] = _sha256(polygons)
+        store = FeatureStore(scratch, manifest)
     run_info = execution_info(client, scheduler)
     skipped: list[list[int]] = []
+    n_tasks = 0
 
-    def run(func: Callable[..., Any], items: list[Any], boxes: list[Any], shared: Any, desc: str) -> list[Any]:
+    def run(
+        func: Callable[..., Any], items: list[Any], boxes: list[Any], shared: Any, desc: str
+    ) -> Iterable[Any]:
+        nonlocal n_tasks
+        n_tasks = len(items)
+        todo = [i for i in range(len(items)) if store is None or not store.has(i)]
+        if store is not None and len(todo) < len(items):
+            done = len(items) - len(todo)
+            logger.info("Resuming from %r: %d of %d tiles already done.", str(scratch), done, len(items))
         results, skip = map_tiles(
             func,
-            items,
+            [items[i] for i in todo],
             data,
-            boxes=boxes,
+            boxes=[boxes[i] for i in todo],
             shared=shared,
             client=client,
             scheduler=scheduler,
             on_error=on_error,
             image_name=image_key,
             desc=desc,
+            on_result=None if store is None else lambda j, res: store.write(todo[j], res),
         )
         skipped.extend(skip)
-        return results
+        if store is None:
+            return results
+        return (store.read(i) for i in range(len(items)))  # one tile in memory at a time
 
-    if enc.kind == "mask":
-        shapes = get_shapes(sdata, K.shapes_key(cells_key), hint=_SEGMENT_HINT)
-        polygons = _polygons_for(table, shapes, downsample)
+    if used_mode == "mask":
         feats = _embed_morphology(enc, data, xy, polygons, um_per_px, tile_size, run)
-        feats = np.concatenate([feats, enc.density_features(xy0 * mpp0)], axis=1)
-        used_mode = "mask"
-    elif mode == "crop":
+        feats[:, feats.shape[1] - len(enc.density_radii_um) :] = enc.density_features(xy0 * mpp0)
+    elif used_mode == "crop":
         feats = _embed_crops(enc, data, xy, crop_px, tile_size, batch_size, run)
-        used_mode = "crop"
     else:
-        if not enc.supports_tiles:
-            msg = f"Encoder {enc.name!r} has no feature map, so it cannot run in tile mode; use mode='crop'."
-            raise ValueError(msg)
         feats = _embed_tiles(enc, data, xy, crop_px, tile_size, um_per_px, run)
-        used_mode = "tile"
 
     feats = np.asarray(feats, dtype=np.float32)
-    bad = ~np.isfinite(feats)
-    if bad.any():
-        logger.warning(
-            "embed_cells: %d non-finite feature values set to 0 (encoder %r).", int(bad.sum()), enc.name
-        )
-        feats[bad] = 0.0
+    n_bad = _zero_non_finite(feats)
+    if n_bad:
+        logger.warning("embed_cells: %d non-finite feature values set to 0 (encoder %r).", n_bad, enc.name)
     table.obsm[key_added] = feats
     prov = {k: v for k, v in enc.provenance().items() if v is not None}
     prov["dim"] = int(feats.shape[1])
@@ -226,7 +289,60 @@ def embed_cells(
         }[used_mode],
     }
     table.uns[key_added] = prov
+    if store is not None and not keep_scratch:
+        store.remove(n_tasks)
     logger.info("embed_cells: %d cells x %d features in obsm[%r]", feats.shape[0], feats.shape[1], key_added)
+
+
+def _zero_non_finite(feats: np.ndarray, chunk: int = 65_536) -> int:
+    """Set NaN/inf entries to 0 in place, ``chunk`` rows at a time (no full-size mask); return their count."""
+    n_bad = 0
+    for start in range(0, len(feats), chunk):
+        block = feats[start : start + chunk]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            n_bad += int(bad.sum())
+            block[bad] = 0.0
+    return n_bad
+
+
+def _sha256(arrays: Iterable[np.ndarray]) -> str:
+    """sha256 of the shapes and bytes of ``arrays`` (a cheap fingerprint of the cells for the manifest)."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape};".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def _encoder_fingerprint(enc: Encoder) -> dict[str, Any]:
+    """What identifies the encoder's features for the scratch manifest.
+
+    Its provenance (name, input size, checkpoint path and sha256, morphology parameters) without
+    ``dim`` (unknown before the first call for plain functions); a torch module without a checkpoint
+    file gets the sha256 of its weights, a plain function its qualified name.
+    """
+    out = {k: v for k, v in enc.provenance().items() if k != "dim" and v is not None}
+    if not out.get("checkpoint_sha256") and hasattr(enc, "module"):
+        out["weights_sha256"] = _module_sha256(enc.module)
+    func = getattr(enc, "func", None)
+    if func is not None:
+        qualname = getattr(func, "__qualname__", type(func).__name__)
+        out["function"] = f"{getattr(func, '__module__', '')}.{qualname}"
+    return out
+
+
+def _module_sha256(module: Any) -> str:
+    """sha256 of a torch module's state dict (names, dtypes, shapes and bytes)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,8 +374,12 @@ def _crop_starts(xy: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # the three ways of embedding
 # ----------------------------------------------------------------------------------------------------------
-def _finish(results: list[Any], n: int, out: np.ndarray | None = None) -> np.ndarray | None:
-    """Scatter the ``(idx, features)`` of each tile (``None`` = skipped) into one ``(n, d)`` array."""
+def _finish(results: Iterable[Any], n: int, out: np.ndarray | None = None) -> np.ndarray | None:
+    """Scatter the ``(idx, features)`` of each tile (``None`` = skipped) into one ``(n, d)`` array.
+
+    ``out`` is allocated once, at the first result, unless given; ``results`` may be a generator
+    reading the tiles from disk, so only one tile's features are held besides ``out``.
+    """
     for res in results:
         if res is None:
             continue
@@ -426,8 +546,9 @@ def _embed_morphology(
         items.append((idx, len(near), rings, xy[cells] - np.array([x0, y0]), um_per_px))
         boxes.append((y0, x0, y1, x1))
     results = run(_morphology_features, items, boxes, enc, "embedding cells (morphology)")
-    out = np.zeros((len(xy), enc.dim - len(enc.density_radii_um)), dtype=np.float32)
-    return _finish(results, len(xy), out)
+    out = np.zeros((len(xy), enc.dim), dtype=np.float32)  # the density columns are filled by the caller
+    _finish(results, len(xy), out[:, : enc.dim - len(enc.density_radii_um)])
+    return out
 
 
 def _morphology_features(tile: np.ndarray, item: tuple[Any, ...], enc: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,10 @@ Each slide is written to a hidden ``out/.<name>.zarr.partial-<pid>`` folder and 
 ``out/manifest.json`` (replaced atomically after every change) records each slide's status, time,
 cell count and error. A restarted run removes partial folders left by a killed run, skips finished
 slides and redoes the others. With a ``dask.distributed`` client, one task per slide is submitted.
+
+With ``scratch_dir``, :func:`~bitro.pp.segment_cells` and :func:`~bitro.pp.embed_cells` write their
+finished tiles to ``scratch_dir/<name>/segment`` and ``scratch_dir/<name>/embed``, so a slide
+killed half-way resumes from its finished tiles; they are deleted once ``out/<name>.zarr`` is written.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from bitro import _keys as K
 from bitro._files import remove_path as _remove
 from bitro._logging import logger
 from bitro._settings import progress, resolve_seed, settings
+from bitro.pp._scratch import check_scratch_dir, clear_scratch_dir
 
 STEPS = ("normalize_stains", "detect_tissue", "segment_cells", "embed_cells", "assign_cells")
 KNOWN_STEPS = (*STEPS, "make_patches", "bags")
@@ -54,6 +59,7 @@ class PipelineOptions:
     seed: int = 0
     overwrite: bool = False
     step_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    scratch_dir: str | None = None
 
 
 def pipeline_options(
@@ -62,9 +68,14 @@ def pipeline_options(
     step_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     seed: int | None = None,
     device: str | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> PipelineOptions:
-    """Check the steps and fill the defaults (seed and device from ``bt.settings``)."""
+    """Check the steps and fill the defaults (seed and device from ``bt.settings``).
+
+    ``scratch_dir`` is checked (created and probe-written) and stored as an absolute path, so that
+    workers of a cluster resolve it alike.
+    """
     if isinstance(steps, str) or callable(steps):
         steps = [steps]
     steps = tuple(steps)
@@ -85,16 +96,41 @@ def pipeline_options(
         seed=resolve_seed(seed),
         device=settings.device if device is None else device,
         step_kwargs=step_kwargs,
+        scratch_dir=None if scratch_dir is None else str(check_scratch_dir(scratch_dir).resolve()),
         **options,
     )
+
+
+#: Subfolders of a slide's scratch folder, per step that writes tiles there.
+SCRATCH_SUBFOLDERS = {"segment_cells": "segment", "embed_cells": "embed"}
+
+
+def slide_scratch(options: PipelineOptions, name: str) -> Path | None:
+    """``scratch_dir/<name>`` of one slide, or ``None`` without ``scratch_dir``."""
+    return None if options.scratch_dir is None else Path(options.scratch_dir) / name
+
+
+def remove_slide_scratch(scratch: Path | None) -> None:
+    """Delete the tile files the steps left in ``scratch`` (see :func:`slide_scratch`), nothing else."""
+    if scratch is None:
+        return
+    for sub in SCRATCH_SUBFOLDERS.values():
+        clear_scratch_dir(scratch / sub)
+    with contextlib.suppress(OSError):
+        scratch.rmdir()  # only when empty
 
 
 def _has_spots(sdata: Any) -> bool:
     return K.SPOTS in sdata.tables
 
 
-def apply_steps(sdata: Any, options: PipelineOptions) -> Any:
-    """Run ``options.steps`` on one slide, in place; later steps use the stain-normalised image."""
+def apply_steps(sdata: Any, options: PipelineOptions, *, scratch: Path | None = None) -> Any:
+    """Run ``options.steps`` on one slide, in place; later steps use the stain-normalised image.
+
+    With ``scratch`` (the slide's folder, :func:`slide_scratch`), segmentation and embedding write
+    their tiles to its subfolders ``segment`` and ``embed`` and keep them (a rerun of a slide that
+    failed later resumes); :func:`remove_slide_scratch` deletes them once the slide is written.
+    """
     import bitro as bt
 
     ow, seed = options.overwrite, options.seed
@@ -117,10 +153,11 @@ def apply_steps(sdata: Any, options: PipelineOptions) -> Any:
             bt.pp.detect_tissue(sdata, **({"image_key": image, "overwrite": ow} | extra))
         elif step == "segment_cells":
             kw = {"image_key": image, "method": options.segment_method, "overwrite": ow, "seed": seed}
+            kw |= _scratch_kwargs(scratch, step)
             bt.pp.segment_cells(sdata, **(kw | extra))
         elif step == "embed_cells":
             kw = {"image_key": image, "encoder": options.encoder, "mode": options.mode}
-            kw |= {"device": options.device, "overwrite": ow, "seed": seed}
+            kw |= {"device": options.device, "overwrite": ow, "seed": seed} | _scratch_kwargs(scratch, step)
             bt.pp.embed_cells(sdata, **(kw | extra))
         elif step == "assign_cells":
             if not _has_spots(sdata):
@@ -136,6 +173,12 @@ def apply_steps(sdata: Any, options: PipelineOptions) -> Any:
         features = cells.obsm[K.EMBEDDING].shape[1] if K.EMBEDDING in cells.obsm else 0
         logger.info("%d cells, %d features; bags: %s", cells.n_obs, features, "+".join(bags) or "none")
     return sdata
+
+
+def _scratch_kwargs(scratch: Path | None, step: str) -> dict[str, Any]:
+    if scratch is None:
+        return {}
+    return {"scratch_dir": scratch / SCRATCH_SUBFOLDERS[step], "keep_scratch": True}
 
 
 # --------------------------------------------------------------------------------------- one slide
@@ -224,10 +267,12 @@ def _process_slide(
     # on a distributed worker, dask work inside the slide (lazy images, zarr writes) stays in this
     # task's thread: submitting it to the same cluster and waiting can deadlock (see active_client)
     local = dask.config.set(scheduler="synchronous") if on_worker() else contextlib.nullcontext()
+    scratch = slide_scratch(options, name)
     with _settings_as(worker_settings), local:
-        sdata = apply_steps(_load(source, reader), options)
+        sdata = apply_steps(_load(source, reader), options, scratch=scratch)
         n_cells = sdata.tables[K.CELLS].n_obs if K.CELLS in sdata.tables else None
         _write(sdata, Path(out), name, overwrite=options.overwrite)
+    remove_slide_scratch(scratch)
     return {"n_cells": n_cells, "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -337,6 +382,7 @@ def run_pipeline(
     retries: int = 1,
     client: Any = None,
     overwrite: bool = False,
+    scratch_dir: str | Path | None = None,
 ) -> pd.DataFrame:
     """Preprocess a cohort of slides into ``out/<name>.zarr``, resumably, one slide after another or on dask.
 
@@ -395,6 +441,14 @@ def run_pipeline(
     overwrite
         Redo finished slides and replace their ``out/<name>.zarr`` (the old store is deleted only once
         the new one is complete), and let the steps replace existing elements of the inputs.
+    scratch_dir
+        Folder (created; checked writable before any slide runs) for the per-tile results of
+        :func:`~bitro.pp.segment_cells` and :func:`~bitro.pp.embed_cells`: slide ``name`` uses
+        ``scratch_dir/<name>/segment`` and ``scratch_dir/<name>/embed`` (their ``scratch_dir``). A
+        cohort run killed (or failing) mid-slide then resumes that slide from its finished tiles
+        instead of from the start; the outputs are identical to a run without it. A slide's tile
+        files are deleted once its ``out/<name>.zarr`` is written. With a client, the folder must be
+        reachable from the workers. ``None`` (default): no per-tile files.
 
     Returns
     -------
@@ -421,6 +475,7 @@ def run_pipeline(
         mode=mode,
         patch_um=patch_um,
         overwrite=overwrite,
+        scratch_dir=scratch_dir,
     )
     named = _named_inputs(inputs)
     folder = Path(out)

@@ -1,16 +1,23 @@
-"""An on-disk store of per-tile segmentation results, so a whole-slide run can be resumed.
+"""On-disk stores of per-tile results, so a whole-slide run can be resumed.
 
-:func:`bitro.pp.segment_cells` with ``scratch_dir=`` writes each finished tile's nuclei to
+:class:`ScratchStore` holds what the stores share: the folder check, the parameter manifest, atomic
+writes and clean-up. Two stores build on it:
+
+- :class:`TileStore` (segmentation): :func:`bitro.pp.segment_cells` with ``scratch_dir=`` writes each finished tile's nuclei to
 ``scratch_dir/tile_<core_y0>_<core_x0>.parquet`` (GeoParquet: ``geometry``, ``x``, ``y`` and the
-``obs`` feature columns; a tile without nuclei gets an empty file, so it counts as done). Files are
-written as ``*.parquet.tmp`` and renamed with :func:`os.replace`, so a run killed mid-write never
+``obs`` feature columns; a tile without nuclei gets an empty file, so it counts as done).
+- :class:`FeatureStore` (embedding): :func:`bitro.pp.embed_cells` with ``scratch_dir=`` writes each
+  finished tile task's cell indices and float32 feature rows to ``scratch_dir/tile_<i>.npz``
+  (``i`` = the task's position in the run's deterministic task list).
+
+Files are written as ``*.tmp`` and renamed with :func:`os.replace`, so a run killed mid-write never
 leaves a half file that a rerun would trust. ``scratch_dir/manifest.json`` records every parameter
 that determines a tile's result; a rerun with the same folder and the same parameters reads the
 finished tiles instead of recomputing them, and different parameters raise an error.
 
 The files are written by the driver process as the results arrive (also with a dask cluster), so
-the folder only needs to be visible to the process that calls ``segment_cells``, and at most one
-tile's result waits in memory to be written.
+the folder only needs to be visible to the process that runs the step, and at most one tile's
+result waits in memory to be written.
 """
 
 from __future__ import annotations
@@ -76,8 +83,8 @@ def _normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
-class TileStore:
-    """The per-tile result files of one segmentation run in ``path`` (see the module docstring).
+class ScratchStore:
+    """Result files ``tile_*<suffix>`` and a ``manifest.json`` in one folder (see the module docstring).
 
     Parameters
     ----------
@@ -87,18 +94,23 @@ class TileStore:
         Parameters that determine the tile results (JSON-serialisable).
     """
 
+    #: File name ending of the result files.
+    suffix: str
+    #: The bitro function whose results these are (segmentation manifests of format 1 do not record it).
+    step: str
+
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = Path(path)
         self.manifest = _normalise({"format": FORMAT, **manifest})
         self._check_manifest()
-        for stale in self.path.glob("tile_*.parquet.tmp"):  # left by a killed write
+        for stale in self.path.glob(f"tile_*{self.suffix}.tmp"):  # left by a killed write
             stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------- manifest
     def _check_manifest(self) -> None:
         file = self.path / MANIFEST
         if not file.exists():
-            if any(self.path.glob("tile_*.parquet")):
+            if any(self.path.glob(f"tile_*{self.suffix}")):
                 msg = (
                     f"scratch_dir {str(self.path)!r} holds tile files but no {MANIFEST}, so it is unknown "
                     "which parameters produced them. Use another scratch_dir, or delete that folder to start over."
@@ -117,6 +129,12 @@ class TileStore:
                 f"{str(self.path)!r} to start over."
             )
             raise ValueError(msg) from err
+        if isinstance(old, dict) and old.get("step", "segment_cells") != self.step:
+            msg = (
+                f"scratch_dir {str(self.path)!r} holds the tiles of {old.get('step', 'segment_cells')}, not of "
+                f"{self.step}. Give each step its own scratch_dir (e.g. subfolders 'segment' and 'embed')."
+            )
+            raise ValueError(msg)
         if old != self.manifest:
             keys = sorted(set(old) | set(self.manifest))
             diff = [
@@ -125,11 +143,57 @@ class TileStore:
                 if old.get(k) != self.manifest.get(k)
             ]
             msg = (
-                f"scratch_dir {str(self.path)!r} holds tiles of a segmentation with different parameters: "
+                f"scratch_dir {str(self.path)!r} holds tiles of {self.step} with different parameters: "
                 f"{'; '.join(diff)}. Use another scratch_dir for these parameters, or delete that folder "
                 "to start over."
             )
             raise ValueError(msg)
+
+    # ---------------------------------------------------------------------------------------------- files
+    def _atomic_write(self, target: Path, write: Any) -> None:
+        """``write(tmp)`` to ``<target>.tmp``, then :func:`os.replace` it to ``target`` (no half files)."""
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(target, err) from err
+
+    def _write_error(self, target: Path, err: OSError) -> OSError:
+        done = len(list(self.path.glob(f"tile_*{self.suffix}")))
+        reason = "the disk is full" if err.errno in _FULL else f"{type(err).__name__}: {err}"
+        msg = (
+            f"Writing {str(target)!r} failed: {reason}. No partial file was left. Free space (or fix the "
+            f"folder) and rerun the same call with scratch_dir={str(self.path)!r}: the {done} tile(s) "
+            "already written there are reused, not recomputed."
+        )
+        return OSError(msg) if err.errno is None else OSError(err.errno, msg)
+
+    def _remove_files(self, files: Sequence[Path]) -> None:
+        """Delete ``files`` and the manifest, and the folder if nothing else is in it."""
+        for f in files:
+            f.unlink(missing_ok=True)
+        (self.path / MANIFEST).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            logger.info("Kept scratch_dir %r: it holds other files.", str(self.path))
+
+
+class TileStore(ScratchStore):
+    """The per-tile nuclei of one segmentation run in ``path`` (GeoParquet; see the module docstring).
+
+    Parameters
+    ----------
+    path
+        Folder checked with :func:`check_scratch_dir`.
+    manifest
+        Parameters that determine the tile results (JSON-serialisable).
+    """
+
+    suffix = ".parquet"
+    step = "segment_cells"
 
     # ---------------------------------------------------------------------------------------------- tiles
     def file(self, tile: Tile) -> Path:
@@ -150,25 +214,8 @@ class TileStore:
         features = pd.DataFrame(rows, columns=list(CELL_FEATURES))
         frame = pd.concat([frame, features], axis=1)
         gdf = gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(list(polygons), dtype="geometry"))
-        target = self.file(tile)
-        tmp = target.with_name(target.name + ".tmp")
-        try:
-            _write_parquet(gdf, tmp)
-            os.replace(tmp, target)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise self._write_error(target, err) from err
+        self._atomic_write(self.file(tile), lambda tmp: _write_parquet(gdf, tmp))
         return len(polygons)
-
-    def _write_error(self, target: Path, err: OSError) -> OSError:
-        done = len(list(self.path.glob("tile_*.parquet")))
-        reason = "the disk is full" if err.errno in _FULL else f"{type(err).__name__}: {err}"
-        msg = (
-            f"Writing {str(target)!r} failed: {reason}. No partial file was left. Free space (or fix the "
-            f"folder) and rerun the same call with scratch_dir={str(self.path)!r}: the {done} tile(s) "
-            "already written there are reused, not recomputed."
-        )
-        return OSError(msg) if err.errno is None else OSError(err.errno, msg)
 
     def read(self, tiles: Sequence[Tile]) -> tuple[list[Any], np.ndarray, pd.DataFrame]:
         """Polygons, ``(n, 2)`` centroids (x, y) and features of ``tiles`` (those with a file), in order."""
@@ -184,10 +231,70 @@ class TileStore:
 
     def remove(self, tiles: Sequence[Tile]) -> None:
         """Delete this run's tile files and manifest, and the folder if nothing else is in it."""
-        for t in tiles:
-            self.file(t).unlink(missing_ok=True)
-        (self.path / MANIFEST).unlink(missing_ok=True)
-        try:
-            self.path.rmdir()
-        except OSError:
-            logger.info("Kept scratch_dir %r: it holds other files.", str(self.path))
+        self._remove_files([self.file(t) for t in tiles])
+
+
+def _write_features(path: Path, idx: np.ndarray, features: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a path
+        np.savez(fh, idx=idx, features=features)
+
+
+class FeatureStore(ScratchStore):
+    """The per-task cell features of one :func:`bitro.pp.embed_cells` run in ``path`` (see the module docstring).
+
+    Task ``i`` (a tile, or a group of tiles in crop mode) is stored as ``tile_<i>.npz`` holding ``idx``
+    (int64 row indices into the cells table) and ``features`` (float32, one row per index). The task
+    list is a deterministic function of the parameters in the manifest, so ``i`` names the same cells
+    in every run with that manifest.
+
+    Parameters
+    ----------
+    path
+        Folder checked with :func:`check_scratch_dir`.
+    manifest
+        Parameters that determine the features (JSON-serialisable).
+    """
+
+    suffix = ".npz"
+    step = "embed_cells"
+
+    def file(self, i: int) -> Path:
+        """``tile_<i>.npz``."""
+        return self.path / f"tile_{int(i)}.npz"
+
+    def has(self, i: int) -> bool:
+        """Whether task ``i``'s features were written by an earlier (or this) run."""
+        return self.file(i).is_file()
+
+    def write(self, i: int, result: tuple[np.ndarray, np.ndarray]) -> int:
+        """Write task ``i``'s ``(idx, features)`` atomically; return the number of cells."""
+        idx, features = result
+        idx = np.asarray(idx, dtype=np.int64)
+        features = np.asarray(features, dtype=np.float32)
+        self._atomic_write(self.file(i), lambda tmp: _write_features(tmp, idx, features))
+        return len(idx)
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Task ``i``'s ``(idx, features)``, or ``None`` when it has no file (e.g. skipped)."""
+        if not self.has(i):
+            return None
+        with np.load(self.file(i), allow_pickle=False) as data:
+            return data["idx"], data["features"]
+
+    def remove(self, n_tasks: int) -> None:
+        """Delete this run's task files and manifest, and the folder if nothing else is in it."""
+        self._remove_files([self.file(i) for i in range(n_tasks)])
+
+
+def clear_scratch_dir(path: str | os.PathLike[str]) -> None:
+    """Delete the bitro result files and manifest in ``path`` (nothing else), and ``path`` if then empty."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    for pattern in (MANIFEST, "tile_*.parquet", "tile_*.npz", "tile_*.parquet.tmp", "tile_*.npz.tmp"):
+        for f in path.glob(pattern):
+            f.unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        logger.info("Kept scratch folder %r: it holds other files.", str(path))
