@@ -179,7 +179,9 @@ def test_different_parameters_raise_before_any_tile(segmented, tmp_path):
 
 def test_a_segmentation_folder_is_refused(segmented, tmp_path):
     scratch = tmp_path / "segment"
-    bt.pp.segment_cells(_copy(segmented), tile_size=200, seed=0, overwrite=True, scratch_dir=scratch)
+    bt.pp.segment_cells(
+        _copy(segmented), tile_size=200, seed=0, overwrite=True, scratch_dir=scratch, keep_scratch=True
+    )
     with pytest.raises(ValueError, match=r"holds the tiles of segment_cells, not of embed_cells"):
         bt.pp.embed_cells(_copy(segmented), scratch_dir=scratch, **_kwargs("morphology"))
 
