@@ -55,7 +55,7 @@ def run(size: int, tile: int) -> dict:
                 out["scratch_mb"] = round(sum(f.stat().st_size for f in files) / 1e6, 2)
                 for f in files[::2]:
                     f.unlink()
-            timed(label, scratch_dir=scratch)
+            timed(label, scratch_dir=scratch, keep_scratch=True)
             got = _cells(sdata)
             out["identical"][label] = bool(
                 np.array_equal(ref[0], got[0]) and np.array_equal(ref[1], got[1]) and ref[2] == got[2]

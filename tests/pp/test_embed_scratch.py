@@ -179,7 +179,9 @@ def test_different_parameters_raise_before_any_tile(segmented, tmp_path):
 
 def test_a_segmentation_folder_is_refused(segmented, tmp_path):
     scratch = tmp_path / "segment"
-    bt.pp.segment_cells(_copy(segmented), tile_size=200, seed=0, overwrite=True, scratch_dir=scratch)
+    bt.pp.segment_cells(
+        _copy(segmented), tile_size=200, seed=0, overwrite=True, scratch_dir=scratch, keep_scratch=True
+    )
     with pytest.raises(ValueError, match=r"holds the tiles of segment_cells, not of embed_cells"):
         bt.pp.embed_cells(_copy(segmented), scratch_dir=scratch, **_kwargs("morphology"))
 
@@ -256,3 +258,28 @@ def test_plain_dask_writes_the_same_scratch(segmented, tmp_path):
     )
     assert out.tables["cells"].uns["X_bitro"]["execution"]["backend"] == "dask" and len(_files(scratch)) >= 4
     np.testing.assert_array_equal(out.tables["cells"].obsm["X_bitro"], ref.tables["cells"].obsm["X_bitro"])
+
+
+def test_skipped_first_tile_same_with_and_without_scratch(segmented, tmp_path, monkeypatch):
+    """The output is allocated at the first result that arrives; a skipped first tile keeps zeros."""
+    real = _embed._tile_features
+    calls = []
+
+    def first_fails(tile, item, enc):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bad tile")
+        return real(tile, item, enc)
+
+    monkeypatch.setattr(_embed, "_tile_features", first_fails)
+    plain = _copy(segmented)
+    bt.pp.embed_cells(plain, on_error="skip", **_kwargs("tile"))
+    calls.clear()
+    scratched = _copy(segmented)
+    bt.pp.embed_cells(scratched, scratch_dir=tmp_path / "embed", on_error="skip", **_kwargs("tile"))
+    a, b = plain.tables["cells"].obsm["X_bitro"], scratched.tables["cells"].obsm["X_bitro"]
+    assert a.dtype == np.float32 and a.shape == (plain.tables["cells"].n_obs, 3)
+    np.testing.assert_array_equal(a, b)
+    zero = (a == 0).all(axis=1)
+    assert 0 < zero.sum() < len(a)  # the first tile's cells only
+    assert len(plain.tables["cells"].uns["X_bitro"]["skipped_tiles"]) == 1

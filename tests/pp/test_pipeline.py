@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -198,12 +199,63 @@ def test_run_pipeline_errors(slides, tmp_path):
     with pytest.raises(ValueError, match="distinct names"):
         bt.pp.run_pipeline([slides["s0"], tmp_path / "s0.zarr"], out=tmp_path / "o")
     (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match="is a file"):
+    with pytest.raises(NotADirectoryError, match=r"out '.*file' is a file, not a folder\. Pass the path"):
         bt.pp.run_pipeline([slides["s0"]], out=tmp_path / "file")
     (tmp_path / "o").mkdir(exist_ok=True)
     (tmp_path / "o" / "manifest.json").write_text("not json")
     with pytest.raises(ValueError, match="not a bitro pipeline manifest"):
         bt.pp.run_pipeline([slides["s0"]], out=tmp_path / "o")
+
+
+def test_unwritable_out_fails_before_any_slide(slides, tmp_path, monkeypatch):
+    from bitro.pp import _scratch
+
+    ran = []
+    steps = [lambda sdata: ran.append(1)]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def denied(path, data):  # tests may run as root, where chmod does not deny
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(_scratch, "_write_bytes", denied)
+    with pytest.raises(PermissionError, match=r"Cannot write to out '.*locked'.*fix its permissions") as info:
+        bt.pp.run_pipeline([slides["s0"]], out=locked, steps=steps, client=False)
+    assert info.value.errno == errno.EACCES
+    assert ran == [] and list(locked.iterdir()) == []  # no slide ran, no manifest
+
+
+def test_disk_full_while_writing_a_slide_leaves_nothing_and_rerun_completes(slides, tmp_path, monkeypatch):
+    from zarr.storage import _local
+
+    real = _local._put
+    writes = []
+
+    def fills_up(path, value, exclusive=False):
+        writes.append(path)
+        if len(writes) <= 3:
+            return real(path, value, exclusive)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a chunk")  # the disk fills mid-store
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_local, "_put", fills_up)
+    out = tmp_path / "out"
+    report = bt.pp.run_pipeline([slides["s0"], slides["s1"]], out=out, steps=["detect_tissue"], client=False)
+    assert len(writes) > 3  # the store was being written when the disk filled
+    assert list(report["status"]) == ["failed", "failed"]
+    error = report.loc[0, "error"]
+    assert "s0" in error and "the disk is full" in error and "Free space" in error and "rerun" in error
+    manifest = _manifest(out)
+    assert manifest["s0"]["status"] == "failed" and manifest["s0"]["error"] == error
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no partial store, no temp folder
+
+    monkeypatch.setattr(_local, "_put", real)  # space freed
+    report = bt.pp.run_pipeline([slides["s0"], slides["s1"]], out=out, steps=["detect_tissue"], client=False)
+    assert list(report["status"]) == ["done", "done"]
+    assert {m["status"] for m in _manifest(out).values()} == {"done"}
+    assert "tissue" in sd.read_zarr(out / "s0.zarr").labels
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "s0.zarr", "s1.zarr"]
 
 
 # ------------------------------------------------------------------------------- dask.distributed

@@ -94,7 +94,7 @@ def _tiles(scratch):
 
 def test_scratch_equals_memory_and_files(rgb, reference, tmp_path, counter):
     scratch = tmp_path / "scratch"
-    out = _run(rgb, scratch)
+    out = _run(rgb, scratch, keep_scratch=True)
     _assert_same(out, reference)
     assert len(counter) == 12
     assert len(_tiles(scratch)) == 12  # one file per tile, also for tiles without a kept nucleus
@@ -112,32 +112,33 @@ def test_scratch_equals_memory_and_files(rgb, reference, tmp_path, counter):
 
 def test_resume_recomputes_only_missing_tile(rgb, reference, tmp_path, counter):
     scratch = tmp_path / "scratch"
-    _run(rgb, scratch)
+    _run(rgb, scratch, keep_scratch=True)
     assert len(counter) == 12
     (scratch / "tile_64_128.parquet").unlink()
     counter.clear()
-    again = _run(rgb, scratch)
+    again = _run(rgb, scratch, keep_scratch=True)
     assert len(counter) == 1
     _assert_same(again, reference)
     counter.clear()
-    _assert_same(_run(rgb, scratch), reference)  # everything done: assembled only
+    _assert_same(_run(rgb, scratch), reference)  # everything done: assembled only, then removed
     assert counter == []
-
-
-def test_keep_scratch_false_removes_files(rgb, reference, tmp_path):
-    scratch = tmp_path / "scratch"
-    _assert_same(_run(rgb, scratch, keep_scratch=False), reference)
     assert not scratch.exists()
+
+
+def test_default_removes_only_its_files(rgb, reference, tmp_path):
+    scratch = tmp_path / "scratch"
+    _assert_same(_run(rgb, scratch), reference)
+    assert not scratch.exists()  # keep_scratch=False by default, as in embed_cells
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("user data")
-    _run(rgb, other, keep_scratch=False)
+    _run(rgb, other)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]  # the user's file is never removed
 
 
 def test_mismatched_parameters_raise(rgb, tmp_path, counter):
     scratch = tmp_path / "scratch"
-    _run(rgb, scratch)
+    _run(rgb, scratch, keep_scratch=True)
     counter.clear()
     with pytest.raises(ValueError, match=r"different parameters.*threshold.*another scratch_dir"):
         _run(rgb, scratch, threshold=0.05)
@@ -194,17 +195,18 @@ def test_disk_full_then_resume(rgb, reference, tmp_path, counter, monkeypatch):
     counter.clear()
     _assert_same(_run(rgb, scratch), reference)
     assert len(counter) == 9
+    assert not scratch.exists()
 
 
 def test_plain_dask_and_distributed_write_scratch(rgb, reference, tmp_path):
     distributed = pytest.importorskip("distributed")
-    _assert_same(_run(rgb, tmp_path / "threads", scheduler="threads"), reference)
+    _assert_same(_run(rgb, tmp_path / "threads", scheduler="threads", keep_scratch=True), reference)
     assert len(_tiles(tmp_path / "threads")) == 12
     with (
         distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cl,
         distributed.Client(cl) as client,
     ):
-        out = _run(rgb, tmp_path / "cluster", client=client)
+        out = _run(rgb, tmp_path / "cluster", client=client, keep_scratch=True)
     assert out.tables["cells"].uns["cells"]["execution"]["backend"] == "distributed"
     _assert_same(out, reference)
     assert len(_tiles(tmp_path / "cluster")) == 12

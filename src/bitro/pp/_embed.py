@@ -16,9 +16,11 @@ surroundings.
   interpolation at the centroid. The network's receptive field brings in the surrounding tissue.
 - ``encoder="morphology"`` measures each nucleus from its rasterised polygon (``mode`` is ignored).
 
-With ``scratch_dir`` each finished tile's features are written to disk at once
+Each tile's features are copied into one float32 output matrix as soon as they arrive and then
+dropped, so the features are held once (plus one tile), never as a list of all tiles. With
+``scratch_dir`` each finished tile's features are written to disk at once
 (:class:`bitro.pp._scratch.FeatureStore`), a rerun resumes from those files, and the output matrix
-is assembled from them into one preallocated float32 array.
+is assembled from them.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = ["embed_cells"]
 
-#: ``run(per_tile_func, items, boxes, shared, desc) -> results``: map_tiles with the call's options bound;
-#: the results (``(idx, features)`` or ``None`` per item) may be read lazily from the scratch folder.
-RunTiles = Callable[[Callable[..., Any], list[Any], list[Any], Any, str], Iterable[Any]]
+#: ``run(per_tile_func, items, boxes, shared, desc, sink)``: map_tiles with the call's options bound; each
+#: tile's ``(idx, features)`` goes to ``sink`` (a :class:`_Scatter`) as it arrives, or, with a scratch
+#: folder, is written there and read back into ``sink`` one tile at a time once all tiles are done.
+RunTiles = Callable[[Callable[..., Any], list[Any], list[Any], Any, str, "_Scatter"], None]
 
 _SEGMENT_HINT = "Cells are created by bt.pp.segment_cells(sdata); run it first (or import a segmentation)."
 
@@ -137,8 +140,8 @@ def embed_cells(
         ``on_error="skip"`` are retried) and gives identical features; different parameters raise
         an error before any tile runs. The pixels themselves are not fingerprinted: use a new folder
         if the image changed under the same key. The output matrix is filled from the files into one
-        preallocated array, so the features are not held twice in memory. ``None``: results are
-        gathered in memory only.
+        preallocated array, so the features are not held twice in memory. ``None``: no files; each
+        tile's features are copied into the output as they arrive (also not held twice).
     keep_scratch
         Leave the tile files and manifest in ``scratch_dir`` after the run (a later identical call
         then only re-assembles). ``False`` (default): delete them (and the folder, if nothing else is
@@ -227,15 +230,24 @@ def embed_cells(
     n_tasks = 0
 
     def run(
-        func: Callable[..., Any], items: list[Any], boxes: list[Any], shared: Any, desc: str
-    ) -> Iterable[Any]:
+        func: Callable[..., Any], items: list[Any], boxes: list[Any], shared: Any, desc: str, sink: _Scatter
+    ) -> None:
         nonlocal n_tasks
         n_tasks = len(items)
         todo = [i for i in range(len(items)) if store is None or not store.has(i)]
         if store is not None and len(todo) < len(items):
             done = len(items) - len(todo)
             logger.info("Resuming from %r: %d of %d tiles already done.", str(scratch), done, len(items))
-        results, skip = map_tiles(
+        if store is None:  # straight into the output, nothing gathered
+
+            def on_result(j: int, res: Any) -> None:
+                sink.add(res)
+        else:
+
+            def on_result(j: int, res: Any) -> int:
+                return store.write(todo[j], res)
+
+        _, skip = map_tiles(
             func,
             [items[i] for i in todo],
             data,
@@ -246,12 +258,12 @@ def embed_cells(
             on_error=on_error,
             image_name=image_key,
             desc=desc,
-            on_result=None if store is None else lambda j, res: store.write(todo[j], res),
+            on_result=on_result,
         )
         skipped.extend(skip)
-        if store is None:
-            return results
-        return (store.read(i) for i in range(len(items)))  # one tile in memory at a time
+        if store is not None:
+            for i in range(len(items)):  # one tile in memory at a time
+                sink.add(store.read(i))
 
     if used_mode == "mask":
         feats = _embed_morphology(enc, data, xy, polygons, um_per_px, tile_size, run)
@@ -294,12 +306,14 @@ def embed_cells(
     logger.info("embed_cells: %d cells x %d features in obsm[%r]", feats.shape[0], feats.shape[1], key_added)
 
 
-def _zero_non_finite(feats: np.ndarray, chunk: int = 65_536) -> int:
-    """Set NaN/inf entries to 0 in place, ``chunk`` rows at a time (no full-size mask); return their count."""
+def _zero_non_finite(feats: np.ndarray, mask_bytes: int = 1 << 20) -> int:
+    """Set NaN/inf entries to 0 in place, a ~``mask_bytes`` mask at a time (no full-size mask); return their count."""
     n_bad = 0
+    chunk = max(1, mask_bytes // max(1, feats.shape[1]))
     for start in range(0, len(feats), chunk):
         block = feats[start : start + chunk]
-        bad = ~np.isfinite(block)
+        bad = np.isfinite(block)
+        np.logical_not(bad, out=bad)
         if bad.any():
             n_bad += int(bad.sum())
             block[bad] = 0.0
@@ -374,20 +388,29 @@ def _crop_starts(xy: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # the three ways of embedding
 # ----------------------------------------------------------------------------------------------------------
-def _finish(results: Iterable[Any], n: int, out: np.ndarray | None = None) -> np.ndarray | None:
-    """Scatter the ``(idx, features)`` of each tile (``None`` = skipped) into one ``(n, d)`` array.
+class _Scatter:
+    """Copies each tile's ``(idx, features)`` into one ``(n, d)`` float32 array as it arrives.
 
-    ``out`` is allocated once, at the first result, unless given; ``results`` may be a generator
-    reading the tiles from disk, so only one tile's features are held besides ``out``.
+    The array is ``out`` when given, else allocated at the first result (a plain function encoder's
+    dimension is unknown before its first call). Cells of skipped tiles keep zeros. Nothing else is
+    kept, so besides the output only the tile being copied is in memory.
     """
-    for res in results:
-        if res is None:
-            continue
-        idx, f = res
-        if out is None:
-            out = np.zeros((n, f.shape[1]), dtype=np.float32)
-        out[idx] = f
-    return out
+
+    def __init__(self, n: int, out: np.ndarray | None = None) -> None:
+        self.n, self.out = n, out
+
+    def add(self, result: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Copy one tile's features (``None``: a skipped tile) into the output."""
+        if result is None:
+            return
+        idx, features = result
+        if self.out is None:
+            self.out = np.zeros((self.n, features.shape[1]), dtype=np.float32)
+        self.out[idx] = features
+
+    def array(self, dim: int | None) -> np.ndarray:
+        """The output; zeros of width ``dim`` (0 if unknown) when no tile gave a result."""
+        return self.out if self.out is not None else np.zeros((self.n, dim or 0), dtype=np.float32)
 
 
 def _embed_crops(
@@ -413,12 +436,14 @@ def _embed_crops(
     if idx_list:
         items.append((idx_list, starts_list, size, batch_size))
         boxes.append(box_list)
-    results = run(_crop_features, items, boxes, enc, f"embedding cells ({enc.name}, crops)")
-    out = _finish(results, len(xy))
-    return out if out is not None else np.zeros((0, enc.dim or 0), dtype=np.float32)
+    sink = _Scatter(len(xy))
+    run(_crop_features, items, boxes, enc, f"embedding cells ({enc.name}, crops)", sink)
+    return sink.array(enc.dim)
 
 
-def _crop_features(tiles: list[np.ndarray], item: tuple[Any, ...], enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
+def _crop_features(
+    tiles: list[np.ndarray], item: tuple[Any, ...], enc: Encoder
+) -> tuple[np.ndarray, np.ndarray]:
     """Crops of a group of tiles, embedded ``batch_size`` at a time (runs on a dask worker when parallel)."""
     idx_list, starts_list, size, batch_size = item
     crops = np.concatenate(
@@ -442,9 +467,9 @@ def _embed_tiles(
         y0, x0, y1, x1 = _box_around(xy[idx], margin)
         items.append((idx, (xy[idx] - np.array([x0, y0])) * factor, factor, crop_px * factor))
         boxes.append((y0, x0, y1, x1))
-    results = run(_tile_features, items, boxes, enc, f"embedding cells ({enc.name}, tiles)")
-    out = _finish(results, len(xy))
-    return out if out is not None else np.zeros((0, enc.dim or 0), dtype=np.float32)
+    sink = _Scatter(len(xy))
+    run(_tile_features, items, boxes, enc, f"embedding cells ({enc.name}, tiles)", sink)
+    return sink.array(enc.dim)
 
 
 def _tile_features(tile: np.ndarray, item: tuple[Any, ...], enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
@@ -545,9 +570,9 @@ def _embed_morphology(
         rings = [(polygons[c][:, 1] - y0, polygons[c][:, 0] - x0) for c in cells]
         items.append((idx, len(near), rings, xy[cells] - np.array([x0, y0]), um_per_px))
         boxes.append((y0, x0, y1, x1))
-    results = run(_morphology_features, items, boxes, enc, "embedding cells (morphology)")
     out = np.zeros((len(xy), enc.dim), dtype=np.float32)  # the density columns are filled by the caller
-    _finish(results, len(xy), out[:, : enc.dim - len(enc.density_radii_um)])
+    sink = _Scatter(len(xy), out[:, : enc.dim - len(enc.density_radii_um)])
+    run(_morphology_features, items, boxes, enc, "embedding cells (morphology)", sink)
     return out
 
 

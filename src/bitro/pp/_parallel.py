@@ -267,6 +267,7 @@ def _run_local(ctx: _Context, data: Any, desc: str) -> None:
             ctx.func_failed(i, err)
             continue
         ctx.keep(i, value)
+        del pixels, value  # not held while the next tile is computed
 
 
 def _clipped_slice(arr: Any, box: Box) -> tuple[Any, Box]:

@@ -33,7 +33,7 @@ from bitro import _keys as K
 from bitro._files import remove_path as _remove
 from bitro._logging import logger
 from bitro._settings import progress, resolve_seed, settings
-from bitro.pp._scratch import check_scratch_dir, clear_scratch_dir
+from bitro.pp._scratch import check_scratch_dir, check_writable_dir, clear_scratch_dir, disk_full
 
 STEPS = ("normalize_stains", "detect_tissue", "segment_cells", "embed_cells", "assign_cells")
 KNOWN_STEPS = (*STEPS, "make_patches", "bags")
@@ -226,10 +226,17 @@ def _write(sdata: Any, out: Path, name: str, *, overwrite: bool) -> Path:
                 raise FileExistsError(msg)
             target.rename(aside)
         partial.rename(target)
-    except BaseException:
+    except BaseException as err:
         _remove(partial)
         if aside.exists() and not target.exists():
             aside.rename(target)
+        if isinstance(err, OSError) and disk_full(err):
+            msg = (
+                f"Writing slide {name!r} to {str(target)!r} failed: the disk is full ({err.strerror or err}). "
+                f"No partial store was left. Free space in {str(out)!r} and rerun the same call: finished "
+                "slides are skipped and this one is redone."
+            )
+            raise OSError(err.errno, msg) from err
         raise
     _remove(aside)
     return target
@@ -406,7 +413,10 @@ def run_pipeline(
         where a slide is a SpatialData object (left unchanged; a copy is processed), a path, or a
         function without arguments returning a SpatialData (e.g. ``lambda: bt.io.read_st(...)``).
     out
-        Output folder (created). Slide ``name`` is written to ``out/<name>.zarr``.
+        Output folder (created). Slide ``name`` is written to ``out/<name>.zarr``. A file, or a
+        folder that cannot be written to, raises an error before any slide runs. If the disk fills
+        while a slide is written, its partial store is deleted and it is recorded as failed with a
+        message saying so; after freeing space, rerun the same call.
     steps
         Steps run in order: names among ``"normalize_stains"``, ``"detect_tissue"``,
         ``"segment_cells"``, ``"embed_cells"``, ``"assign_cells"`` (skipped on slides without a
@@ -478,11 +488,7 @@ def run_pipeline(
         scratch_dir=scratch_dir,
     )
     named = _named_inputs(inputs)
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        msg = f"out {str(folder)!r} is a file; give a folder for the cohort's zarr stores."
-        raise ValueError(msg)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = check_writable_dir(out, name="out", holds="the slides' zarr stores and manifest.json")
     manifest = _Manifest(folder)
     _remove_partials(folder)
 

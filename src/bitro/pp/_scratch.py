@@ -54,13 +54,28 @@ def _write_parquet(frame: Any, path: Path) -> None:
     frame.to_parquet(path, index=False)
 
 
-def check_scratch_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` if needed and probe-write a small file; raise a clear error if that fails."""
+def disk_full(err: OSError) -> bool:
+    """Whether ``err`` says the disk (or the user's quota) is full."""
+    return err.errno in _FULL
+
+
+def check_writable_dir(path: str | os.PathLike[str], *, name: str, holds: str) -> Path:
+    """Create folder ``path`` if needed and probe-write a small file; raise a clear error if that fails.
+
+    Parameters
+    ----------
+    path
+        The folder.
+    name
+        How the user passed it, for the message (e.g. ``"scratch_dir"``, ``"out"``).
+    holds
+        What will be written there, for the message (e.g. ``"the per-tile results"``).
+    """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         msg = (
-            f"scratch_dir {str(path)!r} is a file, not a folder. Pass the path of a folder (it is created "
-            "if missing) where the per-tile results can be written."
+            f"{name} {str(path)!r} is a file, not a folder. Pass the path of a folder (it is created "
+            f"if missing) where {holds} can be written."
         )
         raise NotADirectoryError(msg)
     probe = path / _PROBE
@@ -70,12 +85,17 @@ def check_scratch_dir(path: str | os.PathLike[str]) -> Path:
         probe.unlink()
     except OSError as err:
         msg = (
-            f"Cannot write to scratch_dir {str(path)!r} ({type(err).__name__}: {err}). Pass a folder you can "
-            "write to (with room for the per-tile results), or fix its permissions."
+            f"Cannot write to {name} {str(path)!r} ({type(err).__name__}: {err}). Pass a folder you can "
+            f"write to (with room for {holds}), or fix its permissions."
         )
         cls = PermissionError if isinstance(err, PermissionError) else OSError
         raise (cls(msg) if err.errno is None else cls(err.errno, msg)) from err
     return path
+
+
+def check_scratch_dir(path: str | os.PathLike[str]) -> Path:
+    """:func:`check_writable_dir` for a ``scratch_dir`` argument."""
+    return check_writable_dir(path, name="scratch_dir", holds="the per-tile results")
 
 
 def _normalise(obj: Any) -> Any:
@@ -162,7 +182,7 @@ class ScratchStore:
 
     def _write_error(self, target: Path, err: OSError) -> OSError:
         done = len(list(self.path.glob(f"tile_*{self.suffix}")))
-        reason = "the disk is full" if err.errno in _FULL else f"{type(err).__name__}: {err}"
+        reason = "the disk is full" if disk_full(err) else f"{type(err).__name__}: {err}"
         msg = (
             f"Writing {str(target)!r} failed: {reason}. No partial file was left. Free space (or fix the "
             f"folder) and rerun the same call with scratch_dir={str(self.path)!r}: the {done} tile(s) "

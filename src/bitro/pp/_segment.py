@@ -274,7 +274,7 @@ def segment_cells(
     scheduler: str | None = None,
     on_error: Literal["raise", "skip"] = "raise",
     scratch_dir: str | Path | None = None,
-    keep_scratch: bool = True,
+    keep_scratch: bool = False,
 ) -> None:
     """Segment nuclei tile by tile and write them as polygons and a cell table.
 
@@ -342,9 +342,10 @@ def segment_cells(
         different parameters raise an error. The output is identical to a run without it. ``None``:
         results are kept in memory only.
     keep_scratch
-        Leave the tile files and manifest in ``scratch_dir`` after the run (default; it is your
-        folder, and a later identical call then only re-assembles). ``False``: delete them (and
-        the folder, if nothing else is in it) once the table and shapes are written.
+        Leave the tile files and manifest in ``scratch_dir`` after the run (a later identical call
+        then only re-assembles). ``False`` (default, as in :func:`~bitro.pp.embed_cells`): delete
+        them (and the folder, if nothing else is in it) once the table and shapes are written; they
+        duplicate the output. Other files in the folder are never touched.
 
     Returns
     -------
