@@ -165,7 +165,7 @@ def markdown(res: dict[str, Any]) -> str:
         "**Protocol.** One synthetic bulk slide per run (random 64-d cell features, ~64 cells per 100 µm "
         "patch, 250 genes), default network, one training epoch = one step on one torch thread, each run "
         "in a fresh process. *one pass*: `max_cells_per_step=None`; *chunked (n)*: at most n cells per "
-        "checkpointed chunk (20,000 is the default). *added* = peak RSS during the epoch minus RSS at its start (data and model "
+        "checkpointed chunk (bitro's default is 10,000). *added* = peak RSS during the epoch minus RSS at its start (data and model "
         "already loaded). Peaks are sampled every 50 ms.",
         "",
     ]

@@ -259,3 +259,15 @@ def test_results_written_by_a_run_do_not_mark_the_tree_dirty(tmp_path, monkeypat
     assert common.git_commit()["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert common.git_commit()["dirty"] is True
+
+
+def test_page_rerenders_stored_results_with_current_wording(tmp_path):
+    acc = fake_accuracy()
+    acc["markdown"] = "## Spot-level accuracy\n\nstale wording\n"
+    cells = {"name": "cells", "meta": META, "markdown": "## Cells\n\nold format, kept\n"}  # cannot re-render
+    for res in (acc, cells):
+        common.write_result(res["name"], res, results_dir=tmp_path)
+    loaded = main.load_results(tmp_path)
+    assert "stale wording" not in loaded["accuracy"]["markdown"]
+    assert loaded["accuracy"]["markdown"] == accuracy.markdown(fake_accuracy())
+    assert loaded["cells"]["markdown"] == cells["markdown"]
