@@ -34,6 +34,9 @@ BITRO_KW: dict[str, Any] = {
     "n_components": 128,
     "validation_fraction": 0.1,
 }
+#: Epochs of the pseudo-bulk stage of the transfer ablation (as in the bulk benchmark: four training
+#: samples give four steps per epoch, and a whole-section bulk epoch costs about a spot-level fit's epoch).
+TRANSFER_BULK_EPOCHS = 6
 QUICK_BITRO_KW: dict[str, Any] = {**BITRO_KW, "max_epochs": 3, "n_components": 32}
 METRICS = ("pcc_gene", "pcc_gene_top50_var", "pcc_overall")
 
@@ -139,7 +142,8 @@ def _fit(run: dict[str, Any], train: list, genes: list[str], kw: dict[str, Any])
             use_rep=use_rep,
             seed=SEED,
             device="cpu",
-            **{k: v for k, v in fit_kw.items() if k != "cluster_weight"},
+            **{k: v for k, v in fit_kw.items() if k != "cluster_weight"}
+            | {"max_epochs": min(fit_kw["max_epochs"], TRANSFER_BULK_EPOCHS)},
         )
         return bt.tl.transfer(
             base,
@@ -159,7 +163,6 @@ def _fit(run: dict[str, Any], train: list, genes: list[str], kw: dict[str, Any])
 def run(quick: bool) -> dict[str, Any]:
     """Run all configurations over the folds; return tidy rows, speed records and the Markdown section."""
     import bitro as bt
-    from bitro.tl._cv import light_copy
 
     bt.settings.progress = False
     t0 = time.perf_counter()
@@ -197,30 +200,10 @@ def run(quick: bool) -> dict[str, Any]:
                 "accuracy: fold %d %s %s (%s): reused from %s", f, test_name, *key[:2], reused[key]["commit"]
             )
             continue
-        train = [sections[n] for n in names if n != test_name]
-        t_fit = time.perf_counter()
-        model = _fit(cfg, train, genes, kw)
-        fit_s = time.perf_counter() - t_fit
-        test = light_copy(sections[test_name])
-        t_pred = time.perf_counter()
-        model.predict(test, key_added="cv")
-        pred_s = time.perf_counter() - t_pred
-        res = bt.tl.evaluate(test, table_key="spots", layer="cv", normalize="both", inplace=False)
-        res = res[res["metric"].isin(METRICS)]
-        for r in res.itertuples():
-            rows.append(
-                {"fold": f, "test": test_name, "run": cfg["name"], "target": cfg["target"],
-                 "group": cfg["group"], "metric": r.metric, "scale": r.scale, "value": float(r.value)}
-            )  # fmt: skip
-        hist = getattr(model, "history", None) or {}
-        n_train = int(sum(s["spots"].n_obs for s in train))
-        epochs = len(hist.get("epoch", [])) or None
-        speed.append(
-            {"fold": f, "test": test_name, "run": cfg["name"], "target": cfg["target"],
-             "fit_seconds": round(fit_s, 2), "predict_seconds": round(pred_s, 3),
-             "n_train_spots": n_train, "n_test_spots": int(test["spots"].n_obs), "epochs": epochs,
-             "train_spots_per_s": round(n_train * epochs / fit_s, 1) if epochs else None}
-        )  # fmt: skip
+        fold_rows, record = fit_and_score(cfg, f, test_name, sections, genes, kw)
+        rows += fold_rows
+        speed.append(record)
+        fit_s = record["fit_seconds"]
         logger.info(
             "accuracy: fold %d %s %s (%s): fit %.0f s", f, test_name, cfg["name"], cfg["target"], fit_s
         )
@@ -228,6 +211,48 @@ def run(quick: bool) -> dict[str, Any]:
         if not quick:
             write_result(name, out)  # partial results survive an interrupted run
     return out
+
+
+def fit_and_score(
+    cfg: dict[str, Any],
+    fold: int,
+    test_name: str,
+    sections: dict[str, Any],
+    genes: list[str],
+    kw: dict[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Fit ``cfg`` on every section but ``test_name``, predict that one and score it.
+
+    Returns tidy metric rows (both target scales) and a speed record (fit and prediction time).
+    """
+    import bitro as bt
+    from bitro.tl._cv import light_copy
+
+    train = [sections[n] for n in sections if n != test_name]
+    t_fit = time.perf_counter()
+    model = _fit(cfg, train, genes, kw)
+    fit_s = time.perf_counter() - t_fit
+    test = light_copy(sections[test_name])
+    t_pred = time.perf_counter()
+    model.predict(test, key_added="cv")
+    pred_s = time.perf_counter() - t_pred
+    res = bt.tl.evaluate(test, table_key="spots", layer="cv", normalize="both", inplace=False)
+    res = res[res["metric"].isin(METRICS)]
+    rows = [
+        {"fold": fold, "test": test_name, "run": cfg["name"], "target": cfg["target"],
+         "group": cfg["group"], "metric": r.metric, "scale": r.scale, "value": float(r.value)}
+        for r in res.itertuples()
+    ]  # fmt: skip
+    hist = getattr(model, "history", None) or {}
+    n_train = int(sum(s["spots"].n_obs for s in train))
+    epochs = len(hist.get("epoch", [])) or None
+    record = {
+        "fold": fold, "test": test_name, "run": cfg["name"], "target": cfg["target"],
+        "fit_seconds": round(fit_s, 2), "predict_seconds": round(pred_s, 3),
+        "n_train_spots": n_train, "n_test_spots": int(test["spots"].n_obs), "epochs": epochs,
+        "train_spots_per_s": round(n_train * epochs / fit_s, 1) if epochs else None,
+    }  # fmt: skip
+    return rows, record
 
 
 def _reusable(name: str, quick: bool, kw: dict[str, Any], n_genes: int) -> dict[tuple, dict[str, Any]]:
@@ -270,6 +295,7 @@ def _result(name, quick, t0, names, folds_main, folds_ab, genes, kw, sections, r
             "sections": names,
             "folds_main": [names[i] for i in folds_main],
             "folds_ablation": [names[i] for i in folds_ab],
+            "transfer_bulk_epochs": min(kw["max_epochs"], TRANSFER_BULK_EPOCHS),
             "n_genes": len(genes),
             "bitro_fit_kwargs": kw,
             "bitro_config": "BiTroConfig defaults (hidden 128, 2 GAT layers × 4 heads, 2 Transformer layers, "
@@ -377,7 +403,8 @@ def markdown(res: dict[str, Any]) -> str:
             + "); every "
             "variant is trained on the normalised target and compared with the full model on the same folds "
             "(first row). 'pseudo-bulk → spot' trains a bulk-level model on the pseudo-bulk of the four training "
-            "sections, then adapts it to spots with LoRA (rank 8).",
+            f"sections (at most {p.get('transfer_bulk_epochs', kw['max_epochs'])} epochs), then adapts it to "
+            "spots with LoRA (rank 8).",
             "",
             _table(_summary(rows, "ablation", folds_ab), ab_order),
             "",
