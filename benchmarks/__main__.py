@@ -88,7 +88,8 @@ def _merge_ablations(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
 
     acc = {**acc, "rows": acc["rows"] + [r for r in ab["rows"] if r["group"] == "ablation"]}
     acc["speed"] = acc["speed"] + ab["speed"]
-    acc["protocol"] = {**acc["protocol"], "folds_ablation": ab["protocol"]["folds_ablation"]}
+    ab_keys = ("folds_ablation", "transfer_bulk_epochs")
+    acc["protocol"] = {**acc["protocol"], **{k: ab["protocol"][k] for k in ab_keys if k in ab["protocol"]}}
     acc["markdown"] = markdown(acc)
     results["accuracy"] = acc
     return results
