@@ -170,6 +170,14 @@ class ScratchStore:
             raise ValueError(msg)
 
     # ---------------------------------------------------------------------------------------------- files
+    def file(self, key: Any) -> Path:
+        """The result file of one tile (or task) ``key``; defined by each store."""
+        raise NotImplementedError
+
+    def has(self, key: Any) -> bool:
+        """Whether the result of ``key`` was written by an earlier (or this) run."""
+        return self.file(key).is_file()
+
     def _atomic_write(self, target: Path, write: Any) -> None:
         """``write(tmp)`` to ``<target>.tmp``, then :func:`os.replace` it to ``target`` (no half files)."""
         tmp = target.with_name(target.name + ".tmp")
@@ -219,10 +227,6 @@ class TileStore(ScratchStore):
     def file(self, tile: Tile) -> Path:
         """``tile_<core_y0>_<core_x0>.parquet`` (core corners are unique in a grid; read boxes may not be)."""
         return self.path / f"tile_{tile.core_y0}_{tile.core_x0}.parquet"
-
-    def has(self, tile: Tile) -> bool:
-        """Whether ``tile``'s result was written by an earlier (or this) run."""
-        return self.file(tile).is_file()
 
     def write(self, tile: Tile, result: TileResult) -> int:
         """Write one tile's ``(polygons, centroids, rows)`` atomically; return the number of nuclei."""
@@ -281,10 +285,6 @@ class FeatureStore(ScratchStore):
     def file(self, i: int) -> Path:
         """``tile_<i>.npz``."""
         return self.path / f"tile_{int(i)}.npz"
-
-    def has(self, i: int) -> bool:
-        """Whether task ``i``'s features were written by an earlier (or this) run."""
-        return self.file(i).is_file()
 
     def write(self, i: int, result: tuple[np.ndarray, np.ndarray]) -> int:
         """Write task ``i``'s ``(idx, features)`` atomically; return the number of cells."""
