@@ -284,3 +284,24 @@ def test_features_are_not_held_twice():
     np.testing.assert_array_equal(feats, sdata["cells"].obsm["warm_up"])
     assert np.all(feats[:, 0] > 150)  # every cell got its features
     assert peak < 1.6 * feats.nbytes, f"peak {peak / 1e6:.1f} MB for a {feats.nbytes / 1e6:.1f} MB output"
+
+
+def test_polygons_are_matched_by_instance_id_and_missing_ones_named():
+    """Rows are matched to shapes by id whatever the order; a cell without a polygon is an error naming it."""
+    import anndata as ad
+    import geopandas as gpd
+    import pandas as pd
+    from shapely.geometry import box
+
+    from bitro.pp._embed import _polygons_for
+
+    shapes = gpd.GeoDataFrame(
+        geometry=[box(i, 0, i + 2, 3) for i in range(5)], index=pd.Index([f"c{i}" for i in range(5)])
+    )
+    table = ad.AnnData(obs=pd.DataFrame({"instance_id": ["c3", "c0", "c4"]}, index=["a", "b", "c"]))
+    rings = _polygons_for(table, shapes, np.array([1.0, 1.0]))
+    assert [r[:, 0].min() for r in rings] == [3.0, 0.0, 4.0]
+    np.testing.assert_allclose(_polygons_for(table, shapes, np.array([2.0, 2.0]))[0].max(axis=0), [2.5, 1.5])
+    table.obs["instance_id"] = ["c3", "gone", "c9"]
+    with pytest.raises(ValueError, match=r"2 cells of the table have no polygon.*'gone', 'c9'.*out of sync"):
+        _polygons_for(table, shapes, np.array([1.0, 1.0]))

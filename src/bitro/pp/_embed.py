@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
 
 from bitro import _keys as K
 from bitro._logging import logger
@@ -528,7 +529,8 @@ def _polygons_for(table: Any, shapes: Any, downsample: np.ndarray) -> list[np.nd
         table.obs[K.INSTANCE_KEY].astype(str) if K.INSTANCE_KEY in table.obs else table.obs_names.astype(str)
     )
     index = shapes.index.astype(str)
-    missing = ~np.isin(np.asarray(ids), np.asarray(index))
+    # a hash lookup: np.isin on object (string) arrays compares every pair, O(n²) — 2 min at 112k cells
+    missing = ~pd.Index(np.asarray(ids)).isin(index)
     if missing.any():
         msg = (
             f"{int(missing.sum())} cells of the table have no polygon in the shapes element (e.g. "

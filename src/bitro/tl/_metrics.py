@@ -116,7 +116,7 @@ def _select(
         if missing:
             msg = f"{len(missing)} requested genes are not in the table's var_names (e.g. {missing[:5]})."
             raise KeyError(msg)
-        wanted = np.isin(var_names.astype(str), genes)
+        wanted = pd.Index(var_names.astype(str)).isin(genes)  # hashed (np.isin on strings is pairwise)
         unpredicted = [str(g) for g in var_names[wanted & ~has_pred]]
         if unpredicted:
             logger.warning(
