@@ -395,6 +395,27 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 2) if b else float("nan")
 
 
+def _per_cell_reading(ok: list[dict[str, Any]]) -> str:
+    """CPU ms per segmented cell of each image step, smallest vs largest slide; flags steps that grow."""
+    first, last = ok[0], ok[-1]
+    parts, grows = [], []
+    for step in ("segmentation", "embed_morphology"):
+        if step not in first["steps"] or step not in last["steps"]:
+            continue
+        a, b = (
+            r["steps"][step]["cpu_seconds"] * 1000 / max(r["n_cells_segmented"], 1) for r in (first, last)
+        )
+        parts.append(f"{step} {a:.2f} → {b:.2f} ms")
+        if b > 1.25 * a:
+            grows.append(step)
+    if not parts:
+        return ""
+    text = f"**Reading.** CPU per cell from {first['size_px']} to {last['size_px']} px: {'; '.join(parts)}."
+    if grows:
+        text += f" {', '.join(grows)} does **not** scale linearly with the number of cells here."
+    return text
+
+
 def markdown(res: dict[str, Any]) -> str:
     """Scaling tables with growth ratios."""
     lines = [
@@ -470,7 +491,7 @@ def markdown(res: dict[str, Any]) -> str:
                 ],
             )
         )
-        lines.append("")
+        lines += ["", _per_cell_reading(ok), ""]
     for r in res.get("rows", []):
         if "error" in r:
             lines.append(f"Size {r['size_px']} px failed ({r['error']}); larger sizes were not tried.\n")
