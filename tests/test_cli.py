@@ -343,6 +343,9 @@ def test_preprocess_argument_errors(synthetic_zarr, tmp_path, capsys):
     two = [str(synthetic_zarr), str(synthetic_zarr)]
     assert main(["preprocess", *two, "--out", str(tmp_path / "o.zarr")]) == 2
     assert "pass --cohort" in capsys.readouterr().err
+    (tmp_path / "not_a_folder").write_text("")
+    assert main(["preprocess", str(synthetic_zarr), "--cohort", "--out", str(tmp_path / "not_a_folder")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     assert main(["preprocess", str(tmp_path / "nothing.svs"), "--out", str(tmp_path / "o.zarr")]) == 2
     assert "not found" in capsys.readouterr().err
     odd = tmp_path / "slide.xyz"

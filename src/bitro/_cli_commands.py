@@ -338,10 +338,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         remove_slide_scratch(scratch)
         out(str(target))
         return 0
-    folder = Path(args.out)
-    if folder.exists() and not folder.is_dir():
-        msg = f"--out {str(folder)!r} is a file; with --cohort it must be a folder."
-        raise ValueError(msg)
+    folder = Path(args.out)  # run_pipeline refuses a file or an unwritable folder before any slide
     report = bt.pp.run_pipeline(
         {job.name: job.read for job in jobs},
         out=folder,
