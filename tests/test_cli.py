@@ -86,8 +86,12 @@ def test_predict_writes_a_new_store_and_leaves_the_input_alone(toy, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "already exists" in err and "--overwrite" in err
     assert marker.exists()
+    # nor with --overwrite while it holds a file bitro did not write
+    assert main(["predict", str(toy["model"]), str(toy["s2"]), "--out", str(out), "--overwrite"]) == 2
+    assert "keep.txt" in capsys.readouterr().err and marker.exists()
+    marker.unlink()
     assert main(["predict", str(toy["model"]), str(toy["s2"]), "--out", str(out), "--overwrite"]) == 0
-    assert not marker.exists() and "bitro" in sd.read_zarr(out).tables["spots"].layers
+    assert "bitro" in sd.read_zarr(out).tables["spots"].layers
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
@@ -206,7 +210,7 @@ def test_parse_config_inline_and_file(tmp_path):
 def test_replace_path_keeps_the_old_output_when_writing_fails(tmp_path):
     target = tmp_path / "out.zarr"
     target.mkdir()
-    (target / "old.txt").write_text("old")
+    (target / "zarr.json").write_text("old")
 
     def broken(tmp: Path) -> None:
         tmp.mkdir()
@@ -214,11 +218,62 @@ def test_replace_path_keeps_the_old_output_when_writing_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        C.replace_path(broken, target, overwrite=True)
+        C.replace_path(broken, target, overwrite=True, kind="zarr")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
-    assert (target / "old.txt").read_text() == "old"
-    C.replace_path(lambda tmp: tmp.mkdir(), target, overwrite=True)
+    assert (target / "zarr.json").read_text() == "old"
+    C.replace_path(lambda tmp: tmp.mkdir(), target, overwrite=True, kind="zarr")
     assert target.is_dir() and not any(target.iterdir())
+
+
+def test_overwrite_never_deletes_a_folder_bitro_did_not_write(toy, tmp_path, capsys):
+    """``--overwrite`` replaces bitro's own model folder / metrics CSV, never the user's files."""
+    s0 = str(toy["s0"])
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "thesis.docx").write_text("three years of work")
+    (mine / "config.json").write_text("{}")
+    assert main(["fit", s0, "--out", str(mine), "--overwrite", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "not a model folder written by bitro" in err and "thesis.docx" in err
+    assert (mine / "thesis.docx").read_text() == "three years of work"
+
+    # a model folder bitro wrote is replaced
+    model = tmp_path / "model"
+    assert main(["fit", s0, "--out", str(model), *TINY]) == 0
+    before = (model / "model.safetensors").stat().st_mtime_ns
+    assert main(["fit", s0, "--out", str(model), "--overwrite", *TINY[:-2], "--seed", "1", *TINY[-2:]]) == 0
+    assert (model / "model.safetensors").stat().st_mtime_ns != before
+    # ... but not once the user has put a file of their own into it
+    (model / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["fit", s0, "--out", str(model), "--overwrite", *TINY]) == 2
+    assert "notes.txt" in capsys.readouterr().err and (model / "notes.txt").exists()
+
+    # evaluate --out DIR --overwrite: a folder is never replaced by a CSV
+    pred = tmp_path / "p.zarr"
+    assert main(["predict", str(toy["model"]), str(toy["s2"]), "--out", str(pred)]) == 0
+    assert main(["evaluate", str(pred), "--out", str(mine), "--overwrite"]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err and (mine / "thesis.docx").exists()
+    other = tmp_path / "other.csv"
+    other.write_text("sample,age\nA,3\n")
+    assert main(["evaluate", str(pred), "--out", str(other), "--overwrite"]) == 2
+    assert "header" in capsys.readouterr().err and other.read_text() == "sample,age\nA,3\n"
+    csv = tmp_path / "m.csv"
+    assert main(["evaluate", str(pred), "--out", str(csv)]) == 0
+    assert main(["evaluate", str(pred), "--out", str(csv), "--overwrite"]) == 0  # its own CSV
+    assert pd.read_csv(csv).columns[0] == "metric"
+
+
+def test_preprocess_refuses_a_sample_id_that_leaves_the_scratch_folder(synthetic_zarr, tmp_path, capsys):
+    scratch = tmp_path / "a" / "b" / "scratch"
+    args = ["preprocess", str(synthetic_zarr), "--reader", "zarr", "--encoder", "morphology"]
+    for bad in ("../../x", "..", ".hidden", "a/b"):
+        code = main(
+            [*args, "--sample-id", bad, "--scratch-dir", str(scratch), "--out", str(tmp_path / "o.zarr")]
+        )
+        assert code == 2
+        assert "cannot be used as a file name" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "o.zarr").exists()
 
 
 @pytest.fixture(scope="module")

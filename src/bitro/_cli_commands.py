@@ -18,10 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from bitro import _keys as K
+from bitro._files import OutputKind, check_replaceable
 from bitro._files import remove_path as _remove
 from bitro._logging import logger
 from bitro.io._read import guess_reader as _guess_reader
 from bitro.io._read import read_sdata
+from bitro.tl._metrics import COLUMNS as METRIC_COLUMNS
+
+#: First line of the metrics CSV that ``bitro evaluate --out`` writes (and may replace).
+METRICS_HEADER = ",".join(METRIC_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -30,23 +35,30 @@ def out(text: str) -> None:
     sys.stdout.write(f"{text}\n")
 
 
-def check_output(path: str | Path, *, overwrite: bool, flag: str = "--overwrite") -> Path:
-    """Refuse an existing output path unless ``overwrite``; return it as a :class:`Path`."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        msg = f"output {str(path)!r} already exists; pass {flag} to replace it, or choose another path."
-        raise FileExistsError(msg)
-    return path
+def check_output(path: str | Path, *, overwrite: bool, kind: OutputKind, header: str | None = None) -> Path:
+    """Refuse an existing output path unless ``--overwrite`` and it is bitro's own output of ``kind``.
+
+    See :func:`bitro._files.check_replaceable`: a folder of the user's files is never replaced.
+    """
+    return check_replaceable(path, kind=kind, overwrite=overwrite, flag="--overwrite", header=header)
 
 
-def replace_path(write: Callable[[Path], Any], path: str | Path, *, overwrite: bool) -> Path:
+def replace_path(
+    write: Callable[[Path], Any],
+    path: str | Path,
+    *,
+    overwrite: bool,
+    kind: OutputKind,
+    header: str | None = None,
+) -> Path:
     """Run ``write(tmp)`` on a temporary sibling of ``path``, then move the result into place.
 
     An interrupted or failed write never leaves a half-written ``path`` (so a resumed cohort run
-    does not mistake it for finished work), and an existing ``path`` (``overwrite=True``) is only
-    removed once the new one is complete, so it may even be the store the data were read from.
+    does not mistake it for finished work), and an existing ``path`` (``overwrite=True``, and only if
+    it is bitro's own output of ``kind``) is only removed once the new one is complete, so it may even
+    be the store the data were read from.
     """
-    path = check_output(path, overwrite=overwrite)
+    path = check_output(path, overwrite=overwrite, kind=kind, header=header)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
@@ -54,6 +66,7 @@ def replace_path(write: Callable[[Path], Any], path: str | Path, *, overwrite: b
     try:
         write(tmp)
         if path.exists() or path.is_symlink():
+            check_output(path, overwrite=overwrite, kind=kind, header=header)  # still ours at the swap
             path.rename(old)
         tmp.rename(path)
     except BaseException:
@@ -68,7 +81,9 @@ def replace_path(write: Callable[[Path], Any], path: str | Path, *, overwrite: b
 
 def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool) -> Path:
     """Write a SpatialData object to a new zarr store ``path`` (atomically, see :func:`replace_path`)."""
-    return replace_path(lambda tmp: sdata.write(tmp, update_sdata_path=False), path, overwrite=overwrite)
+    return replace_path(
+        lambda tmp: sdata.write(tmp, update_sdata_path=False), path, overwrite=overwrite, kind="zarr"
+    )
 
 
 def rewrite_tables(sdata: Any, names: list[str]) -> None:
@@ -283,7 +298,9 @@ def make_jobs(args: argparse.Namespace) -> list[Job]:
                         ),
                     )
                 )
-    names = [j.name for j in jobs]
+    from bitro.pp._pipeline import check_slide_name
+
+    names = [check_slide_name(j.name) for j in jobs]  # names become output and scratch folder names
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         msg = f"several inputs would be written as {dup}; give inputs with distinct names."
@@ -307,7 +324,9 @@ def pipeline_options(args: argparse.Namespace) -> Any:
 
     steps: list[Any] = [] if args.stain == "none" else ["normalize_stains"]
     steps += ["detect_tissue", _require_cells if args.segment == "none" else "segment_cells", "embed_cells"]
-    steps += {"assign": [_require_spots, "assign_cells"], "patches": ["make_patches"], None: ["bags"]}[args.bags]
+    steps += {"assign": [_require_spots, "assign_cells"], "patches": ["make_patches"], None: ["bags"]}[
+        args.bags
+    ]
     return options(
         steps,
         stain_method=args.stain,
@@ -331,7 +350,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     jobs = make_jobs(args)
     options = pipeline_options(args)
     if not args.cohort:
-        target = check_output(args.out, overwrite=args.overwrite)
+        target = check_output(args.out, overwrite=args.overwrite, kind="zarr")
         scratch = slide_scratch(options, jobs[0].name)
         sdata = apply_steps(jobs[0].read(), options, scratch=scratch)
         write_sdata(sdata, target, overwrite=args.overwrite)
@@ -387,7 +406,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"train baselines in Python with bt.tl.fit(..., model={args.model!r})."
         )
         raise ValueError(msg)
-    target = check_output(args.out, overwrite=args.overwrite)
+    target = check_output(args.out, overwrite=args.overwrite, kind="model")
     genes = read_genes(args.genes)
     config = parse_config(args.config)
     check_device(args.device)
@@ -422,7 +441,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     import bitro as bt
     from bitro.tl._model import BiTroModel
 
-    target = check_output(args.out, overwrite=args.overwrite)
+    target = check_output(args.out, overwrite=args.overwrite, kind="model")
     genes = read_genes(args.genes)
     check_device(args.device)
     model = BiTroModel.load(args.model_dir)
@@ -456,7 +475,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """``bitro predict``: load a model, predict one slide, write a new zarr or update it in place."""
     from bitro.tl._model import BiTroModel
 
-    target = None if args.inplace else check_output(args.out, overwrite=args.overwrite)
+    target = None if args.inplace else check_output(args.out, overwrite=args.overwrite, kind="zarr")
     check_device(args.device)
     model = BiTroModel.load(args.model_dir)
     sdata = read_sdata(args.data)
@@ -488,7 +507,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``bitro evaluate``: score predictions against observed counts; CSV + compact table."""
     import bitro as bt
 
-    target = None if args.out is None else check_output(args.out, overwrite=args.overwrite)
+    target = (
+        None
+        if args.out is None
+        else check_output(args.out, overwrite=args.overwrite, kind="csv", header=METRICS_HEADER)
+    )
     sdata = read_sdata(args.data)
     table = _table_name(sdata, args.table)
     truth = None if args.truth_layer in ("X", "none") else args.truth_layer
@@ -496,7 +519,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         sdata, table_key=table, layer=args.layer, truth_layer=truth, normalize=args.normalize, inplace=False
     )
     if target is not None:
-        replace_path(lambda tmp: metrics.to_csv(tmp, index=False), target, overwrite=args.overwrite)
+        replace_path(
+            lambda tmp: metrics.to_csv(tmp, index=False),
+            target,
+            overwrite=args.overwrite,
+            kind="csv",
+            header=METRICS_HEADER,
+        )
         logger.info("metrics written to %s", target)
     out(_compact(metrics))
     return 0

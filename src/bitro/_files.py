@@ -1,9 +1,37 @@
-"""Small file-system helpers shared by the writers (CLI outputs, cohort runs)."""
+"""File-system helpers shared by the writers (model folders, CLI outputs, cohort runs).
+
+The one rule they enforce: bitro replaces only what bitro wrote. ``overwrite=True`` (``--overwrite``)
+lets a writer replace its *own* earlier output of the same kind — a model folder it can recognise, a
+SpatialData zarr store, its metrics CSV — and nothing else: a folder of the user's files, a store with
+foreign entries or a file of another kind is refused with a message (see :func:`check_replaceable`).
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Literal
+
+#: Files a saved model folder holds (``BiTroModel.save``); anything else makes it foreign.
+MODEL_FILES = frozenset({"config.json", "model.safetensors"})
+#: Top-level entries of a SpatialData zarr store (plus bitro's integrity record).
+ZARR_ENTRIES = frozenset(
+    {
+        "images",
+        "labels",
+        "points",
+        "shapes",
+        "tables",
+        "zarr.json",
+        ".zgroup",
+        ".zattrs",
+        ".zmetadata",
+        "zmetadata",
+        "bitro_integrity.json",
+    }
+)
+OutputKind = Literal["model", "zarr", "csv"]
 
 
 def remove_path(path: Path) -> None:
@@ -12,3 +40,92 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _foreign(path: Path, kind: OutputKind, header: str | None) -> str | None:
+    """Why ``path`` is not a ``kind`` output bitro wrote (``None`` when it is one)."""
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if kind == "csv":
+        if not path.is_file():
+            return "it is a folder, not a file" if path.is_dir() else "it is not a regular file"
+        try:
+            with path.open(encoding="utf-8") as fh:
+                first = fh.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError):
+            return "it is not a text file"
+        if header is not None and first != header:
+            return f"its first line is not bitro's header {header!r}"
+        return None
+    if not path.is_dir():
+        return "it is a file, not a folder"
+    entries = {p.name for p in path.iterdir()}
+    if kind == "model":
+        extra = sorted(entries - MODEL_FILES)
+        if extra:
+            return f"it holds files a bitro model folder does not ({extra[:5]})"
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return "it has no readable config.json"
+        if not isinstance(config, dict) or not str(config.get("format", "")).startswith("bitro-model/"):
+            return "its config.json is not a bitro model config"
+        return None
+    if not entries & {"zarr.json", ".zgroup"}:
+        return "it is not a zarr store"
+    extra = sorted(entries - ZARR_ENTRIES)
+    if extra:
+        return f"it holds entries a SpatialData store does not ({extra[:5]})"
+    return None
+
+
+def check_replaceable(
+    path: str | Path,
+    *,
+    kind: OutputKind,
+    overwrite: bool,
+    flag: str = "overwrite=True",
+    header: str | None = None,
+) -> Path:
+    """Refuse to write ``path`` unless it is absent, or ``overwrite`` and it is bitro's own ``kind`` output.
+
+    Parameters
+    ----------
+    path
+        Output path.
+    kind
+        ``"model"`` (a folder with only ``config.json`` of a bitro model and ``model.safetensors``),
+        ``"zarr"`` (a SpatialData zarr store with no foreign top-level entries) or ``"csv"`` (a text
+        file whose first line is ``header``).
+    overwrite
+        Whether the caller was asked to replace an existing output.
+    flag
+        How the caller names the overwrite switch in messages (``"--overwrite"`` for the CLI).
+    header
+        ``kind="csv"``: the first line bitro writes.
+
+    Returns
+    -------
+    ``path`` as a :class:`~pathlib.Path`.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is false, or it is not an output bitro wrote (then nothing
+        is ever replaced, whatever ``overwrite`` says).
+    """
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return path
+    if not overwrite:
+        msg = f"output {str(path)!r} already exists; pass {flag} to replace it, or choose another path."
+        raise FileExistsError(msg)
+    why = _foreign(path, kind, header)
+    if why is not None:
+        what = {"model": "model folder", "zarr": "SpatialData zarr store", "csv": "metrics CSV"}[kind]
+        msg = (
+            f"{str(path)!r} is not a {what} written by bitro ({why}); bitro replaces only its own outputs, "
+            f"even with {flag}. Move it away or choose another path."
+        )
+        raise FileExistsError(msg)
+    return path

@@ -146,9 +146,59 @@ def test_an_existing_folder_not_written_by_the_pipeline_is_not_touched(slides, t
     assert (out / "s0.zarr" / "mine.txt").read_text() == "precious"
     assert not (out / "manifest.json").exists() or "s0" not in _manifest(out)
 
-    report = bt.pp.run_pipeline([slides["s0"]], out=out, steps=["detect_tissue"], client=False, overwrite=True)
-    assert report.loc[0, "status"] == "done"
-    assert "tissue" in sd.read_zarr(out / "s0.zarr").labels and not (out / "s0.zarr" / "mine.txt").exists()
+    # overwrite=True replaces bitro's stores only: a folder of the user's files is refused before any work
+    with pytest.raises(FileExistsError, match="not a SpatialData zarr store written by bitro"):
+        bt.pp.run_pipeline([slides["s0"]], out=out, steps=["detect_tissue"], client=False, overwrite=True)
+    assert (out / "s0.zarr" / "mine.txt").read_text() == "precious"
+
+
+def test_a_second_run_into_the_same_folder_is_refused(slides, tmp_path, monkeypatch):
+    from bitro.pp import _pipeline
+
+    out = tmp_path / "out"
+    seen = []
+
+    def nested(sdata):  # runs while the first run holds the lock, like a second process would
+        with pytest.raises(FileExistsError, match="Another bitro cohort run") as info:
+            bt.pp.run_pipeline([slides["s1"]], out=out, steps=["detect_tissue"], client=False)
+        seen.append(str(info.value))
+
+    report = bt.pp.run_pipeline([slides["s0"]], out=out, steps=["detect_tissue", nested], client=False)
+    assert report.loc[0, "status"] == "done" and len(seen) == 1 and f"pid {os.getpid()}" in seen[0]
+    assert not (out / "s1.zarr").exists() and not (out / _pipeline.LOCK).exists()  # released
+
+    # a lock left by a killed process on this host is taken over
+    (out / _pipeline.LOCK).write_text(
+        json.dumps({"pid": 2**22 + 12345, "host": _pipeline.socket.gethostname()})
+    )
+    monkeypatch.setattr(_pipeline.os, "kill", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError()))
+    report = bt.pp.run_pipeline([slides["s1"]], out=out, steps=["detect_tissue"], client=False)
+    assert report.loc[0, "status"] == "done" and not (out / _pipeline.LOCK).exists()
+    # a live one (another host: cannot be checked) is respected
+    (out / _pipeline.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "today"}))
+    with pytest.raises(FileExistsError, match="pid 1 on elsewhere"):
+        bt.pp.run_pipeline([slides["s2"]], out=out, steps=["detect_tissue"], client=False)
+    assert not (out / "s2.zarr").exists()
+
+
+def test_a_rerun_with_other_parameters_refuses_stale_slides(slides, tmp_path):
+    out = tmp_path / "out"
+    steps = ["normalize_stains", "detect_tissue"]
+    bt.pp.run_pipeline([slides["s0"]], out=out, steps=steps, stain_method="macenko", client=False)
+    params = _manifest(out)["s0"]["params"]
+    assert params["stain_method"] == "macenko" and params["steps"] == steps
+    stamp = (out / "s0.zarr" / "zarr.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"other parameters: s0 \(stain_method: 'macenko' → 'reinhard'\)"):
+        bt.pp.run_pipeline([slides["s0"]], out=out, steps=steps, stain_method="reinhard", client=False)
+    assert (out / "s0.zarr" / "zarr.json").stat().st_mtime_ns == stamp
+    # the same parameters still skip
+    report = bt.pp.run_pipeline([slides["s0"]], out=out, steps=steps, stain_method="macenko", client=False)
+    assert report.loc[0, "status"] == "skipped"
+    # overwrite=True redoes them with the new parameters and records those
+    report = bt.pp.run_pipeline(
+        [slides["s0"]], out=out, steps=steps, stain_method="reinhard", client=False, overwrite=True
+    )
+    assert report.loc[0, "status"] == "done" and _manifest(out)["s0"]["params"]["stain_method"] == "reinhard"
 
 
 def test_scratch_dir_resumes_a_slide_mid_way_with_the_same_outputs(reference, slides, tmp_path, monkeypatch):
@@ -262,9 +312,12 @@ def test_disk_full_while_writing_a_slide_leaves_nothing_and_rerun_completes(slid
 @pytest.fixture(scope="module")
 def client():
     distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         yield client
 
 
@@ -309,9 +362,13 @@ def test_one_busy_worker_does_not_deadlock(slides, reference, tmp_path):
 
     distributed = pytest.importorskip("distributed")
     ref, _ = reference
-    with distributed.LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-    ) as cluster, distributed.Client(cluster) as client, ThreadPoolExecutor(1) as pool:
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
         future = pool.submit(
             bt.pp.run_pipeline, [slides["s0"], slides["s1"]], out=tmp_path / "out", client=client, **FAST
         )

@@ -99,6 +99,22 @@ def test_save_load_reproduces(tmp_path, toy_slides):
     assert not list(tmp_path.glob("m/*.pkl"))
 
 
+def test_save_overwrite_replaces_only_a_bitro_model_folder(tmp_path, toy_slides):
+    model = _fit(toy_slides[:2], max_epochs=1)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data.csv").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a model folder written by bitro"):
+        model.save(home, overwrite=True)
+    assert (home / "data.csv").read_text() == "precious" and sorted(p.name for p in home.iterdir()) == [
+        "data.csv"
+    ]
+    model.save(tmp_path / "m")
+    model.save(tmp_path / "m", overwrite=True)  # its own earlier output
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
+
+
 def test_load_rejects_pickles_and_mismatch(tmp_path, toy_slides):
     model = _fit(toy_slides[:2], max_epochs=1)
     model.save(tmp_path / "m")

@@ -105,4 +105,12 @@ def her2st_genes(data_dir: str | Path | None = None) -> list[str]:
     import numpy as np
 
     path = _kit_root(data_dir) / "her2st" / "genes" / "her_hvg_cut_1000.npy"
-    return [str(g) for g in np.load(path, allow_pickle=True)]
+    try:
+        genes = np.load(path, allow_pickle=False)  # a plain string array; never unpickle a data file
+    except ValueError as err:
+        msg = f"{str(path)!r} is not a plain .npy array of gene names (object arrays are never read): {err}"
+        raise ValueError(msg) from err
+    if genes.dtype.kind not in "US" or genes.ndim != 1:
+        msg = f"{str(path)!r} must hold a 1-D array of gene names, got dtype {genes.dtype} and shape {genes.shape}."
+        raise ValueError(msg)
+    return [str(g) for g in genes]

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import re
+import socket
 import time
 import uuid
 import warnings
@@ -30,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from bitro import _keys as K
+from bitro._files import check_replaceable
 from bitro._files import remove_path as _remove
 from bitro._logging import logger
 from bitro._settings import progress, resolve_seed, settings
@@ -38,6 +40,8 @@ from bitro.pp._scratch import check_scratch_dir, check_writable_dir, clear_scrat
 STEPS = ("normalize_stains", "detect_tissue", "segment_cells", "embed_cells", "assign_cells")
 KNOWN_STEPS = (*STEPS, "make_patches", "bags")
 MANIFEST = "manifest.json"
+#: Lock file of a run in progress (one run per ``out`` folder at a time).
+LOCK = ".bitro-run.lock"
 COLUMNS = ("name", "status", "seconds", "n_cells", "error")
 _PARTIAL = re.compile(r"^\..+\.zarr\.partial-\d+(\.old)?$")
 
@@ -224,6 +228,7 @@ def _write(sdata: Any, out: Path, name: str, *, overwrite: bool) -> Path:
             if not overwrite:
                 msg = f"{str(target)!r} appeared while slide {name!r} was processed; not replaced."
                 raise FileExistsError(msg)
+            check_replaceable(target, kind="zarr", overwrite=True)
             target.rename(aside)
         partial.rename(target)
     except BaseException as err:
@@ -313,6 +318,109 @@ class _Manifest:
         os.replace(tmp, self.path)
 
 
+def slide_params(options: PipelineOptions, reader: str | None = None) -> dict[str, Any]:
+    """What a slide's output depends on, as JSON values (recorded per slide in the manifest).
+
+    Steps given as functions are named by module and qualified name, encoder objects by class (and
+    ``name`` when they have one); the device is left out (it does not change what is computed).
+    """
+
+    def named(obj: Any) -> str:
+        if isinstance(obj, str):
+            return obj
+        label = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+        return f"{label}:{obj.name}" if isinstance(getattr(obj, "name", None), str) else label
+
+    params = {
+        "steps": [named(step) for step in options.steps],
+        "reader": reader,
+        "stain_method": options.stain_method,
+        "segment_method": named(options.segment_method),
+        "encoder": named(options.encoder)
+        if not isinstance(options.encoder, os.PathLike)
+        else str(options.encoder),
+        "mode": options.mode,
+        "patch_um": options.patch_um,
+        "seed": options.seed,
+        "step_kwargs": options.step_kwargs,
+    }
+    return json.loads(json.dumps(params, sort_keys=True, default=repr))
+
+
+def _param_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+@contextlib.contextmanager
+def _run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.bitro-run.lock`` while a run writes into ``folder``; refuse a second run.
+
+    A lock left by a run that was killed (same host, process gone) is taken over with a warning.
+    """
+    path = folder / LOCK
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    for _attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and _lock_is_stale(holder):
+                logger.warning(
+                    "%s was left by run %s (pid %s, started %s), which no longer runs; taking it over.",
+                    path,
+                    holder.get("host"),
+                    holder.get("pid"),
+                    holder.get("started"),
+                )
+                path.unlink(missing_ok=True)
+                continue
+            who = (
+                f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+                if holder
+                else "a run that is starting"
+            )
+            msg = (
+                f"Another bitro cohort run ({who}) is writing into {str(folder)!r}; two runs into one folder "
+                f"would delete each other's work. Wait for it to finish or use another out folder. If no run "
+                f"is active, delete {str(path)!r}."
+            )
+            raise FileExistsError(msg) from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _lock_is_stale(holder: Mapping[str, Any]) -> bool:
+    """True when the lock's process ran on this host and is gone."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _remove_partials(folder: Path, names: Sequence[str] | None = None) -> None:
     """Delete partial folders left by a killed run (only names matching the partial pattern)."""
     for path in folder.iterdir():
@@ -351,10 +459,32 @@ def _named_inputs(inputs: Any) -> dict[str, Any]:
         msg = "inputs is empty; give slide paths or a dict name → SpatialData."
         raise ValueError(msg)
     for name in named:
-        if not name or "/" in name or os.sep in name or name.startswith("."):
-            msg = f"slide name {name!r} cannot be a file name in out; use names without '/' or a leading '.'."
-            raise ValueError(msg)
+        check_slide_name(name)
     return named
+
+
+def check_slide_name(name: str) -> str:
+    """Refuse a slide name that is not a plain file name (it names ``out/<name>.zarr`` and scratch folders).
+
+    ``..``, path separators, a leading ``.`` and control characters could reach outside the output
+    or scratch folder, or collide with bitro's hidden partial folders.
+    """
+    bad = (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or (os.altsep is not None and os.altsep in name)
+        or name.startswith(".")
+        or any(ord(c) < 32 for c in name)
+    )
+    if bad:
+        msg = (
+            f"slide name {name!r} cannot be used as a file name in the output or scratch folder; use a name "
+            "without '/', '\\', control characters or a leading '.' (e.g. --sample-id C2)."
+        )
+        raise ValueError(msg)
+    return name
 
 
 def _resolve_client(client: Any) -> Any:
@@ -398,10 +528,15 @@ def run_pipeline(
     :func:`~bitro.pp.assign_cells`) and written as a SpatialData zarr store. The store is written to
     ``out/.<name>.zarr.partial-<pid>`` and renamed to ``out/<name>.zarr`` only when complete, and
     ``out/manifest.json`` records each slide's status (``running``, ``done``, ``failed``), seconds,
-    cell count and error. Run the same call again after a crash or a kill: partial folders are
-    removed, finished slides are skipped and unfinished or failed ones are redone. Nothing else in
-    ``out`` is touched (an ``out/<name>.zarr`` not written by this function is skipped, never replaced,
-    unless ``overwrite=True``). One run per ``out`` folder at a time.
+    cell count, error and the parameters it was made with. Run the same call again after a crash or a
+    kill: partial folders are removed, finished slides are skipped and unfinished or failed ones are
+    redone. A rerun with other parameters (stain method, encoder, mode, steps, seed, step options)
+    refuses to keep slides made with the old ones: it raises, naming the slides and the changed
+    parameters, unless ``overwrite=True`` redoes them. Nothing else in ``out`` is touched (an
+    ``out/<name>.zarr`` not written by this function is skipped with a warning; ``overwrite=True``
+    replaces only SpatialData stores, never other folders or files). One run per ``out`` folder at a
+    time: the run holds ``out/.bitro-run.lock`` and a second run into the same folder raises
+    :class:`FileExistsError` (a lock left by a killed run on this host is taken over).
 
     A slide that raises is retried ``retries`` times, then recorded as failed; the other slides go on.
 
@@ -489,29 +624,71 @@ def run_pipeline(
     )
     named = _named_inputs(inputs)
     folder = check_writable_dir(out, name="out", holds="the slides' zarr stores and manifest.json")
+    with _run_lock(folder):
+        return _run_locked(named, folder, options, reader, retries, client)
+
+
+def _run_locked(
+    named: Mapping[str, Any],
+    folder: Path,
+    options: PipelineOptions,
+    reader: str | None,
+    retries: int,
+    client: Any,
+) -> pd.DataFrame:
+    """The body of :func:`run_pipeline`, run while this process holds the folder's lock."""
+    overwrite = options.overwrite
     manifest = _Manifest(folder)
     _remove_partials(folder)
+    params = slide_params(options, reader)
 
     rows: dict[str, dict[str, Any]] = {}
     pending: list[str] = []
+    changed: dict[str, list[str]] = {}
     for name in named:
         target = folder / f"{name}.zarr"
+        if overwrite:  # only bitro's own stores are ever replaced: refuse others before any work
+            check_replaceable(target, kind="zarr", overwrite=True)
         if (target.exists() or target.is_symlink()) and not overwrite:
             entry = manifest.slides.get(name)
             if entry is None:
-                logger.info("%s: skipped (%s exists and is not in %s; left untouched)", name, target, MANIFEST)
-            elif entry.get("status") != "done":  # killed after the rename, before the manifest update
+                logger.warning(
+                    "%s: skipped: %s exists but is not in %s (not written by run_pipeline; its parameters "
+                    "are unknown). Pass overwrite=True to redo it.",
+                    name,
+                    target,
+                    MANIFEST,
+                )
+            elif entry.get("params") is None:
+                logger.warning(
+                    "%s: skipped: %s records no parameters for it (written by an older bitro); pass "
+                    "overwrite=True to redo it with the current ones.",
+                    name,
+                    MANIFEST,
+                )
+            elif entry["params"] != params:
+                changed[name] = _param_changes(entry["params"], params)
+                continue
+            if entry is not None and entry.get("status") != "done":  # killed after rename, before update
                 manifest.update({name: {"status": "done", "error": None}})
             n_cells = (entry or {}).get("n_cells")
             rows[name] = {"status": "skipped", "seconds": 0.0, "n_cells": n_cells, "error": None}
         else:
             pending.append(name)
+    if changed:
+        listing = "; ".join(f"{n} ({', '.join(c)})" for n, c in changed.items())
+        msg = (
+            f"{len(changed)} slide(s) in {str(folder)!r} were made with other parameters: {listing}. Keeping "
+            "them would mix outputs of different settings. Pass overwrite=True (--overwrite) to redo them "
+            "with the new parameters, or choose another out folder."
+        )
+        raise ValueError(msg)
     if rows:
         logger.info("%d of %d slides already in %s: skipped", len(rows), len(named), folder)
 
     client = _resolve_client(client)
     if pending:
-        manifest.update({n: {"status": "running", "error": None} for n in pending})
+        manifest.update({n: {"status": "running", "error": None, "params": params} for n in pending})
         run = _run_distributed if client is not None else _run_sequential
         bar = progress(total=len(pending), desc="slides", unit="slide")
         try:

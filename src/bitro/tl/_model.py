@@ -608,7 +608,9 @@ class BiTroModel:
                     n += len(b)
             else:
                 for s in idx:
-                    loss = self._loss_bulk(net, self.train_bags, int(s), self.cluster_weight, dev, self._max_cells)
+                    loss = self._loss_bulk(
+                        net, self.train_bags, int(s), self.cluster_weight, dev, self._max_cells
+                    )
                     total += float(loss)
                     n += 1
         return total / max(n, 1)
@@ -807,7 +809,8 @@ class BiTroModel:
         """Save as ``model.safetensors`` (weights, PCA, centroids, target statistics) + ``config.json``.
 
         Written to a temporary folder first and moved into place, so an interrupted save never leaves
-        a half-written model.
+        a half-written model. ``overwrite=True`` replaces only a bitro model folder (``config.json`` and
+        ``model.safetensors``, nothing else); any other existing path is refused.
         """
         import shutil
         import tempfile
@@ -815,11 +818,9 @@ class BiTroModel:
         from safetensors.numpy import save_file
 
         from bitro import __version__
+        from bitro._files import check_replaceable, remove_path
 
-        path = Path(path)
-        if path.exists() and not overwrite:
-            msg = f"{str(path)!r} already exists; pass overwrite=True or choose another folder."
-            raise FileExistsError(msg)
+        path = check_replaceable(path, kind="model", overwrite=overwrite)
         arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
         arrays.update({f"projection.{k}": np.asarray(v) for k, v in self.projection.arrays().items()})
         arrays.update({f"phenotypes.{k}": np.asarray(v) for k, v in self.phenotypes.arrays().items()})
@@ -855,7 +856,8 @@ class BiTroModel:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / WEIGHTS_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=float))
             if path.exists():
-                shutil.rmtree(path)
+                check_replaceable(path, kind="model", overwrite=overwrite)  # still ours at the swap
+                remove_path(path)
             tmp.rename(path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
