@@ -25,9 +25,8 @@ is assembled from them.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from bitro import _keys as K
+from bitro._hashing import arrays_sha256, state_sha256
 from bitro._logging import logger
 from bitro._settings import resolve_device, resolve_seed
 from bitro._validate import check_not_exists
@@ -214,7 +214,7 @@ def embed_cells(
             "level": int(level),
             "cells_key": cells_key,
             "n_cells": len(xy0),
-            "centroids_sha256": _sha256([xy0]),
+            "centroids_sha256": arrays_sha256([xy0]),
             "um_per_px": float(um_per_px),
             "crop_um": float(crop_um),
             "crop_px": float(crop_px),
@@ -224,7 +224,7 @@ def embed_cells(
         if used_mode == "crop":  # the grouping of tiles into tasks (and the forward batches)
             manifest["batch_size"] = int(batch_size)
         if used_mode == "mask":
-            manifest["polygons_sha256"] = _sha256(polygons)
+            manifest["polygons_sha256"] = arrays_sha256(polygons)
         store = FeatureStore(scratch, manifest)
     run_info = execution_info(client, scheduler)
     skipped: list[list[int]] = []
@@ -321,16 +321,6 @@ def _zero_non_finite(feats: np.ndarray, mask_bytes: int = 1 << 20) -> int:
     return n_bad
 
 
-def _sha256(arrays: Iterable[np.ndarray]) -> str:
-    """sha256 of the shapes and bytes of ``arrays`` (a cheap fingerprint of the cells for the manifest)."""
-    digest = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        digest.update(f"{a.dtype.str}{a.shape};".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
-
-
 def _encoder_fingerprint(enc: Encoder) -> dict[str, Any]:
     """What identifies the encoder's features for the scratch manifest.
 
@@ -340,24 +330,12 @@ def _encoder_fingerprint(enc: Encoder) -> dict[str, Any]:
     """
     out = {k: v for k, v in enc.provenance().items() if k != "dim" and v is not None}
     if not out.get("checkpoint_sha256") and hasattr(enc, "module"):
-        out["weights_sha256"] = _module_sha256(enc.module)
+        out["weights_sha256"] = state_sha256(enc.module.state_dict())
     func = getattr(enc, "func", None)
     if func is not None:
         qualname = getattr(func, "__qualname__", type(func).__name__)
         out["function"] = f"{getattr(func, '__module__', '')}.{qualname}"
     return out
-
-
-def _module_sha256(module: Any) -> str:
-    """sha256 of a torch module's state dict (names, dtypes, shapes and bytes)."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------

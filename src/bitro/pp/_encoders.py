@@ -21,7 +21,6 @@ torch encoder is built.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from bitro._hashing import file_sha256
 from bitro._logging import logger
 
 __all__ = ["Encoder", "get_encoder", "list_encoders", "register_encoder"]
@@ -131,25 +131,6 @@ def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
             .astype(np.uint8)
         )
     return out
-
-
-_SHA_CACHE: dict[tuple[str, int, float], str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a weights file (cached by path, size and modification time)."""
-    p = Path(path)
-    if not p.is_file():
-        return ""
-    stat = p.stat()
-    key = (str(p.resolve()), stat.st_size, stat.st_mtime)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
