@@ -116,7 +116,7 @@ def _transfer(bulk_model, train, test_sdata, genes, kw, obs_bulk) -> list[dict[s
     rows = []
     epochs = kw["max_epochs"]
     t = time.perf_counter()
-    spot = bt.tl.fit(train, genes=genes, config=SMALL, seed=SEED, device="cpu", **kw)
+    spot = bt.tl.fit(train, genes=genes, config=SMALL, target="raw", seed=SEED, device="cpu", **kw)
     to_bulk = bt.tl.transfer(
         spot, train, level="bulk", method="lora", max_epochs=epochs, seed=SEED, device="cpu"
     )

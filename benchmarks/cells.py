@@ -65,6 +65,7 @@ def run(quick: bool) -> dict[str, Any]:
         train,
         genes=genes,
         cells_key="cells_truth",
+        target="raw",  # the protocol's scale (fixed when the fit default became library_size)
         max_epochs=p["max_epochs"],
         lr=1e-3,
         n_components=p["n_components"],

@@ -57,9 +57,9 @@ def toy(tmp_path_factory) -> dict[str, Path]:
 
 def test_fit_saves_a_loadable_model_with_the_requested_genes(toy):
     config = json.loads((toy["model"] / "config.json").read_text())
-    assert config["genes"] == GENES
-    assert config["net_config"]["hidden_dim"] == 16
-    from bitro.tl._model import BiTroModel
+    assert config["state"]["genes"] == GENES
+    assert config["state"]["net_config"]["hidden_dim"] == 16
+    from bitro.tl import BiTroModel
 
     model = BiTroModel.load(toy["model"])
     assert model.phenotypes.n_clusters == 3
@@ -153,8 +153,8 @@ def test_transfer_spot_model_to_bulk_with_lora(toy, tmp_path):
     args = ["transfer", str(toy["model"]), *map(str, bulk), "--level", "bulk", "--method", "lora"]
     assert main([*args, "--out", str(out), "--epochs", "1", "--device", "cpu", "--rank", "2"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["level"] == "bulk" and config["genes"] == GENES
-    assert config["lora"]["rank"] == 2
+    assert config["state"]["level"] == "bulk" and config["state"]["genes"] == GENES
+    assert config["state"]["lora"]["rank"] == 2
 
 
 def test_fit_errors_are_clear(toy, tmp_path, capsys):
@@ -436,3 +436,38 @@ def test_installed_entry_point_version():
     done = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=False)
     assert done.returncode == 0
     assert done.stdout.strip() == f"bitro {bitro.__version__}"
+
+
+def test_training_options_are_checked_before_any_work(toy, tmp_path, capsys):
+    s0, out = str(toy["s0"]), str(tmp_path / "m")
+    for args, text in (
+        (["--batch-size", "0"], "--batch-size must be an integer ≥ 1, got 0"),
+        (["--validation-fraction", "1.5"], "--validation-fraction must be a number in [0, 1)"),
+        (["--config", '{"hiden_dim": 8}'], "Unknown BiTroConfig field(s) ['hiden_dim']"),
+        (["--context-um", "-3"], "--context-um must be a number"),
+    ):
+        assert main(["fit", s0, "--out", out, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and text in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+    # every SetupConfig / TrainConfig field is an option of `bitro fit`, with its default in the help
+    from bitro.tl import SetupConfig, TrainConfig
+
+    assert main(["fit", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for cls in (SetupConfig, TrainConfig):
+        for name in cls.names():
+            if name != "device":
+                assert f"--{name.replace('_', '-')}" in text, name
+    assert "--lr LR Adam learning rate (default: 0.001)" in text
+
+
+def test_a_missing_input_fails_before_the_heavy_imports():
+    code = (
+        "import sys; from bitro.cli import main; "
+        "rc = main(['predict', '/nonexistent/model', '/nonexistent/x.zarr', '--out', 'y.zarr']); "
+        "print(rc, 'torch' in sys.modules, 'spatialdata' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["2", "False", "False"]
+    assert "MODEL_DIR '/nonexistent/model' not found" in done.stderr

@@ -48,3 +48,45 @@ def test_exports_resolve():
             if not (obj.__doc__ or "").strip():
                 missing.append(f"{sub}.{name}")
     assert not missing, f"public objects without docstring: {missing}"
+
+
+#: Which bitro packages each package may import (data flow: io → pp → tl → pl; models is pure torch).
+#: Private top-level helpers (``bitro._files``, ``bitro._hashing``, ...) are open to every package
+#: except ``models``; the command line (``bitro.cli``, ``bitro._cli_commands``, ``bitro._demo``) to none.
+ALLOWED_IMPORTS = {
+    "models": set(),
+    "io": set(),
+    "pp": {"io"},
+    "datasets": {"io", "pp"},
+    "tl": {"io", "pp", "models"},
+    "pl": {"io"},
+}
+
+
+def test_packages_import_only_downstream():
+    """A lower package never imports a higher one, and ``bitro.models`` imports nothing from bitro."""
+    import ast
+    from pathlib import Path
+
+    root = Path(bt.__file__).parent
+    entry_points = {"cli", "_cli_commands", "_demo"}
+    bad = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if len(parts) < 2:
+            continue
+        pkg = parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if not name.startswith("bitro."):
+                    continue
+                target = name.split(".")[1]
+                if target == pkg:
+                    continue
+                private_helper = target.startswith("_") and target not in entry_points and pkg != "models"
+                if target == "_lazy" or private_helper or target in ALLOWED_IMPORTS[pkg]:
+                    continue
+                bad.append(f"{'/'.join(parts)} imports bitro.{target}")
+    assert not bad, bad

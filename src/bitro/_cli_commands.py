@@ -396,6 +396,47 @@ def _read_all(paths: list[str]) -> list[Any]:
     return [read_sdata(p) for p in paths]
 
 
+def training_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SetupConfig and TrainConfig options given on the command line, validated before any work.
+
+    Only options the user typed are returned (the dataclass defaults apply to the rest); a bad value
+    raises a ``ValueError`` naming the command-line option.
+    """
+    from bitro.tl._configs import SetupConfig, TrainConfig
+
+    given = vars(args)
+    parts = []
+    for cls in (SetupConfig, TrainConfig):
+        opts = {name: given[name] for name in cls.names() if name in given}
+        try:
+            cls.from_dict(opts)
+        except ValueError as err:
+            flag = next(
+                (f"--{n.replace('_', '-')}" for n in opts if f"{cls.__name__}.{n} " in str(err)), None
+            )
+            text = str(err)
+            if flag is not None:
+                text = text.replace(f"{cls.__name__}.{flag[2:].replace('-', '_')}", flag)
+            raise ValueError(text) from err
+        parts.append(opts)
+    if args.device is not None:
+        parts[1]["device"] = check_device(args.device)
+    return parts[0], parts[1]
+
+
+def check_net_config(config: dict[str, Any] | None, source: str) -> None:
+    """Refuse unknown or invalid BiTroConfig fields before any data are read."""
+    if config is None:
+        return
+    from bitro.models._config import BiTroConfig
+
+    try:
+        BiTroConfig.from_dict({"n_genes": 1, **config})
+    except (TypeError, ValueError) as err:
+        msg = f"{source}: {err}"
+        raise ValueError(msg) from err
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     """``bitro fit``: train on preprocessed slides and save the model folder."""
     import bitro as bt
@@ -409,27 +450,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     target = check_output(args.out, overwrite=args.overwrite, kind="model")
     genes = read_genes(args.genes)
     config = parse_config(args.config)
-    check_device(args.device)
+    check_net_config(config, f"--config {args.config}")
+    setup, train = training_options(args)
     sdatas = _read_all(args.train)
-    model = bt.tl.fit(
-        sdatas,
-        level=args.level,
-        genes=genes,
-        model=args.model,
-        target=args.target,
-        use_rep=args.use_rep,
-        config=config,
-        max_epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        patience=args.patience,
-        validation_fraction=args.validation_fraction,
-        cluster_weight=args.cluster_weight,
-        n_components=args.n_components,
-        n_phenotypes=args.n_phenotypes,
-        device=args.device,
-        seed=args.seed,
-    )
+    model = bt.tl.fit(sdatas, level=args.level, genes=genes, config=config, **setup, **train)
     model.save(target, overwrite=args.overwrite)
     logger.info("%r trained for %d epochs; saved to %s", model, len(model.history.get("epoch", [])), target)
     out(str(target))
@@ -439,12 +463,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     """``bitro transfer``: fine-tune a saved model on another level and save the new model."""
     import bitro as bt
-    from bitro.tl._model import BiTroModel
 
     target = check_output(args.out, overwrite=args.overwrite, kind="model")
     genes = read_genes(args.genes)
-    check_device(args.device)
-    model = BiTroModel.load(args.model_dir)
+    setup, train = training_options(args)
+    model = bt.tl.BiTroModel.load(args.model_dir)
     sdatas = _read_all(args.data)
     new = bt.tl.transfer(
         model,
@@ -455,15 +478,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,
-        target=args.target,
-        max_epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        patience=args.patience,
-        validation_fraction=args.validation_fraction,
-        cluster_weight=args.cluster_weight,
-        device=args.device,
-        seed=args.seed,
+        **setup,
+        **train,
     )
     new.save(target, overwrite=args.overwrite)
     logger.info("%r (%s from %s level) saved to %s", new, args.method, model.level, target)
@@ -476,7 +492,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from bitro.tl._model import BiTroModel
 
     target = None if args.inplace else check_output(args.out, overwrite=args.overwrite, kind="zarr")
-    check_device(args.device)
+    if args.device is not None:
+        check_device(args.device)
     model = BiTroModel.load(args.model_dir)
     sdata = read_sdata(args.data)
     model.predict(
@@ -529,13 +546,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         logger.info("metrics written to %s", target)
     out(_compact(metrics))
     return 0
-
-
-def _message(err: BaseException) -> str:
-    """The user-facing text of an exception (``KeyError`` quotes its message; undo that)."""
-    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
-        return err.args[0]
-    return str(err) or type(err).__name__
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

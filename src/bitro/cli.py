@@ -18,6 +18,8 @@ from bitro._version import __version__
 
 READERS = ("st", "hest", "visium", "wsi", "zarr")
 MODELS = ("bitro", "ridge", "mlp", "depth", "cell_count", "mean")
+#: SetupConfig fields a transfer may change (the rest are the source model's).
+TRANSFER_SETUP = ("target", "zscore", "cluster_weight", "seed")
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, KeyError, ValueError)
 
 
@@ -34,18 +36,74 @@ def _common() -> argparse.ArgumentParser:
     return parent
 
 
-def _training(p: argparse.ArgumentParser, *, epochs: int, lr: float) -> None:
+def _option_type(annotation: str):
+    """The argparse ``type`` of a config field annotated ``int``, ``float``, ``str``, optionally ``| None``."""
+    base = {"int": int, "float": float, "str": str}[annotation.replace(" | None", "").strip()]
+    if "None" not in annotation:
+        return base
+
+    def parse(text: str):
+        return None if text.lower() == "none" else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _config_options(p: argparse.ArgumentParser, cls: type, *, only: Sequence[str] | None = None,
+                    title: str, shown: dict[str, str] | None = None) -> None:  # fmt: skip
+    """One option per field of the config dataclass ``cls`` (``--max-epochs`` for ``max_epochs``, ...).
+
+    Help and default come from the dataclass, which is where the Python API takes them from too; an
+    option the user does not give is not passed on, so the dataclass default applies.
+    """
+    from dataclasses import MISSING, fields
+
+    group = p.add_argument_group(title)
+    for f in fields(cls):
+        if (only is not None and f.name not in only) or f.metadata.get("cli") is False:
+            continue
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if f.name == "max_epochs":
+            flags.append("--epochs")
+        default = None if f.default is MISSING else f.default
+        text = (shown or {}).get(f.name, f.metadata.get("shown", default))
+        kw = {
+            "dest": f.name,
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata['help']} (default: {text})",
+        }
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _option_type(str(f.type))
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+            kw["metavar"] = f.name.upper() if "choices" not in f.metadata else None
+        group.add_argument(*flags, **kw)
+
+
+def _training(p: argparse.ArgumentParser, *, setup_fields: Sequence[str] | None = None) -> None:
+    from bitro.tl._configs import SetupConfig, TrainConfig
+
     p.add_argument("--level", choices=("spot", "bulk"), default="spot", help="training level (default: spot)")
-    p.add_argument("--genes", metavar="FILE", help="genes to predict: .txt (one per line) or .npy")
-    p.add_argument("--epochs", type=int, default=epochs, help=f"maximum epochs (default: {epochs})")
-    p.add_argument("--lr", type=float, default=lr, help=f"learning rate (default: {lr:g})")
-    p.add_argument("--batch-size", type=int, default=32, help="bags per batch (default: 32)")
-    p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default: 6)")
-    p.add_argument("--validation-fraction", type=float, default=0.1, help="held-out bags (default: 0.1)")
-    p.add_argument("--cluster-weight", type=float, default=None, help="λ of the cluster loss")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: bt.settings.seed)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--genes", metavar="FILE", help="genes to predict: .txt (one per line) or .npy (default: "
+                   "highly variable genes of the training spots, or the source model's genes for transfer)")  # fmt: skip
+    source = (
+        None if setup_fields is None else dict.fromkeys(("target", "zscore", "seed"), "the source model's")
+    )
+    _config_options(
+        p, SetupConfig, only=setup_fields, title="data and targets (bt.tl.SetupConfig)", shown=source
+    )
+    _config_options(p, TrainConfig, title="training (bt.tl.TrainConfig)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda", "mps"),
+        default=None,
+        help="compute device (default: bt.settings.device, i.e. auto: CUDA, then MPS, then CPU)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out model folder written by bitro"
+    )
 
 
 def _add_preprocess(sub, parent) -> None:
@@ -114,56 +172,76 @@ def _add_preprocess(sub, parent) -> None:
 
 def _add_fit(sub, parent) -> None:
     p = sub.add_parser(
-        "fit", parents=[parent], help="train a model on preprocessed slides and save it (bt.tl.fit)"
+        "fit",
+        parents=[parent],
+        help="train a model on preprocessed slides and save it (bt.tl.fit)",
+        description="Defaults are the settings the accuracy benchmark found best (docs/benchmarks.md).",
     )
-    p.add_argument("train", nargs="+", metavar="TRAIN.zarr", help="training slides")
+    p.add_argument("train", nargs="+", metavar="TRAIN.zarr", help="training slides (zarr stores)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
-    p.add_argument("--model", choices=MODELS, default="bitro", help="model (only bitro can be saved)")
-    p.add_argument("--target", choices=("raw", "library_size"), default="raw", help="target scale")
-    p.add_argument("--use-rep", default="X_bitro", help="cell embedding in cells.obsm")
-    p.add_argument("--config", metavar="JSON", help="BiTroConfig fields: a JSON object or a .json file")
-    p.add_argument("--n-components", type=int, default=128, help="PCA dimension of the cell features")
-    p.add_argument("--n-phenotypes", type=int, default=8, help="k-means phenotypes")
-    _training(p, epochs=100, lr=1e-4)
+    p.add_argument(
+        "--model", choices=MODELS, default="bitro", help="model (default: bitro; only bitro can be saved)"
+    )
+    p.add_argument("--config", metavar="JSON", help="network options (bt.models.BiTroConfig fields): a JSON "
+                   "object or a .json file (default: BiTroConfig defaults)")  # fmt: skip
+    _training(p)
 
 
 def _add_transfer(sub, parent) -> None:
     p = sub.add_parser(
         "transfer", parents=[parent], help="fine-tune a saved model on another level (bt.tl.transfer)"
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="saved source model (bitro fit --out)")
     p.add_argument("data", nargs="+", metavar="DATA.zarr", help="slides of the target level")
     p.add_argument("--out", required=True, metavar="MODEL_DIR2", help="folder of the new model")
-    p.add_argument("--method", choices=("lora", "full"), default="lora")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=16.0, help="LoRA scaling")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    p.add_argument("--target", choices=("raw", "library_size"), default=None, help="default: the source's")
-    _training(p, epochs=50, lr=1e-3)
+    p.add_argument(
+        "--method", choices=("lora", "full"), default="lora",
+        help="lora: adapters on a frozen base, gene head trained; full: every weight (default: lora)",
+    )  # fmt: skip
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA scaling alpha (default: 16)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
+    _training(p, setup_fields=TRANSFER_SETUP)
 
 
 def _add_predict(sub, parent) -> None:
     p = sub.add_parser("predict", parents=[parent], help="predict expression of a slide with a saved model")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("data", metavar="DATA.zarr")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="saved model folder (bitro fit --out)")
+    p.add_argument("data", metavar="DATA.zarr", help="preprocessed slide (bitro preprocess --out)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="OUT.zarr", help="write a new zarr store")
     where.add_argument("--inplace", action="store_true", help="update the tables of DATA.zarr")
-    p.add_argument("--key-added", default="bitro", help="layer / uns key of the predictions")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--key-added", default="bitro", help="layer / uns key of the predictions (default: bitro)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="bags per forward pass (default: 64)")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda", "mps"), default=None,
+        help="compute device (default: bt.settings.device, i.e. auto)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace --out and existing prediction keys")
 
 
 def _add_evaluate(sub, parent) -> None:
     p = sub.add_parser("evaluate", parents=[parent], help="score predictions against observed counts")
-    p.add_argument("data", metavar="DATA.zarr")
+    p.add_argument("data", metavar="DATA.zarr", help="slide with predictions (bitro predict --out)")
     p.add_argument("--layer", default="bitro", help="layer with the predictions (default: bitro)")
-    p.add_argument("--table", default="spots", help="table to score: spots, patches or bulk")
-    p.add_argument("--truth-layer", default="counts", help="layer of observed counts ('X' for .X)")
-    p.add_argument("--normalize", choices=("raw", "library_size", "both"), default="both")
-    p.add_argument("--out", metavar="CSV", help="write the metrics as CSV")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--table", default="spots", help="table to score: spots, patches or bulk (default: spots)")
+    p.add_argument(
+        "--truth-layer", default="counts", help="layer of observed counts, 'X' for .X (default: counts)"
+    )
+    p.add_argument(
+        "--normalize", choices=("raw", "library_size", "both"), default="both",
+        help="target scale(s) to score on: raw log1p, library-size normalised log1p, or both (default: both)",
+    )  # fmt: skip
+    p.add_argument("--out", metavar="CSV", help="write the metrics as CSV (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out CSV written by bitro")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"must be a positive integer, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -197,9 +275,57 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _message(err: BaseException) -> str:
+    """The user-facing text of an exception (``KeyError`` quotes its message; undo that)."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err) or type(err).__name__
+
+
+def _exists(path: str, what: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).exists():
+        msg = f"{what} {path!r} not found."
+        raise FileNotFoundError(msg)
+
+
+def _model_folder(path: str) -> None:
+    from pathlib import Path
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        what = (
+            "not found"
+            if not folder.exists()
+            else "is not a bitro model folder (config.json + model.safetensors)"
+        )
+        msg = f"MODEL_DIR {path!r} {what}; give a folder written by `bitro fit --out` or model.save()."
+        raise FileNotFoundError(msg)
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Check the paths a command reads before the heavy imports (a typo fails in milliseconds)."""
+    if getattr(args, "model_dir", None) is not None:
+        _model_folder(args.model_dir)
+    for path in getattr(args, "inputs", None) or []:
+        _exists(path, "input")
+    for path in getattr(args, "train", None) or []:
+        _exists(path, "training slide")
+    data = getattr(args, "data", None)
+    for path in [data] if isinstance(data, str) else data or []:
+        _exists(path, "slide")
+    if getattr(args, "genes", None) is not None:
+        _exists(args.genes, "--genes file")
+    config = getattr(args, "config", None)
+    if config is not None and not config.lstrip().startswith("{"):
+        _exists(config, "--config file")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return _demo(args)
+    _preflight(args)
     from bitro._cli_commands import COMMANDS
 
     return COMMANDS[args.command](args)
@@ -236,8 +362,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 chatty.setLevel(logging.ERROR)
             return _run(args)
     except USER_ERRORS as err:
-        from bitro._cli_commands import _message
-
         logger.debug("%s failed", args.command, exc_info=True)
         sys.stderr.write(f"error: {_message(err)}\n")
         return 2

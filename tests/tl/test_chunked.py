@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from _toy import GENES, SMALL
 
+from bitro.tl import BiTroModel
 from bitro.tl._chunked import bag_tokens, check_max_cells, chunk_bags, chunked_bulk_loss
-from bitro.tl._model import BiTroModel
+from bitro.tl._levels import get_level
 
 CHUNK = 60  # toy slides hold ~500 cells in bags of 3-25 cells → about 9 chunks
 
@@ -26,6 +29,12 @@ def _bulk_model(slides, context_um=None, **config) -> BiTroModel:
     )
 
 
+def _slide_loss(model, net, cluster_weight, max_cells):
+    """The bulk level's loss of training slide 0 with cluster weight ``cluster_weight``."""
+    data = dataclasses.replace(model.training_set, cluster_weight=cluster_weight)
+    return get_level("bulk").loss(net, data, 0, device="cpu", max_cells=max_cells)
+
+
 def _loss_and_grads(model, max_cells, *, cluster_weight=1.0, seed=0, **kwargs):
     net = model.net.train()
     net.zero_grad(set_to_none=True)
@@ -36,15 +45,15 @@ def _loss_and_grads(model, max_cells, *, cluster_weight=1.0, seed=0, **kwargs):
             net,
             model.train_bags,
             idx,
-            to_counts=model._to_counts_t,
-            target=torch.as_tensor(model.bulk_targets[:1]),
+            to_counts=model.transform.to_counts_torch,
+            target=torch.as_tensor(model.training_set.slide_targets[:1]),
             cluster_weight=cluster_weight,
             max_cells=max_cells,
             device="cpu",
             **kwargs,
         )
     else:
-        loss = model._loss_bulk(net, model.train_bags, 0, cluster_weight, "cpu", max_cells)
+        loss = _slide_loss(model, net, cluster_weight, max_cells)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     return float(loss.detach()), grads
@@ -79,9 +88,9 @@ def test_chunked_cluster_term_is_the_whole_slide_cluster_loss(toy_bulk_slides):
     """The cluster term rebuilt from per-chunk statistics equals Eq. 12 on all cells of the slide."""
     model = _bulk_model(toy_bulk_slides[:2])
     with torch.no_grad():
-        without = model._loss_bulk(model.net.eval(), model.train_bags, 0, 0.0, "cpu", CHUNK)
-        with_full = model._loss_bulk(model.net, model.train_bags, 0, 1.0, "cpu", None)
-        with_chunks = model._loss_bulk(model.net, model.train_bags, 0, 1.0, "cpu", CHUNK)
+        without = _slide_loss(model, model.net.eval(), 0.0, CHUNK)
+        with_full = _slide_loss(model, model.net, 1.0, None)
+        with_chunks = _slide_loss(model, model.net, 1.0, CHUNK)
     assert float(with_full - without) > 1e-3  # the term is not trivially 0
     assert float(with_chunks - without) == pytest.approx(float(with_full - without), rel=1e-5)
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitro.tl._data import build_bags, collate, knn_within_groups, quantise_positions
+from bitro.pp._bags import within_bag_knn
+from bitro.tl._data import build_bags, collate, quantise_positions
 from bitro.tl._targets import TargetTransform
 
 
@@ -15,10 +16,10 @@ def _bags(sdata, k=8):
     )
 
 
-def test_knn_within_groups_never_crosses_and_is_symmetric(rng):
+def test_within_bag_knn_never_crosses_and_is_symmetric(rng):
     xy = rng.uniform(0, 50, size=(300, 2))
     g = rng.integers(0, 20, size=300)
-    src, dst = knn_within_groups(xy, g, k=4)
+    src, dst = within_bag_knn(xy, g, k=4)
     assert (g[src] == g[dst]).all() and (src != dst).all()
     pairs = set(zip(src.tolist(), dst.tolist()))
     assert all((b, a) in pairs for a, b in pairs)

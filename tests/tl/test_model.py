@@ -7,8 +7,8 @@ import pytest
 from _toy import GENES, SMALL, make_toy_slide
 
 import bitro as bt
+from bitro.tl import BiTroModel
 from bitro.tl._cv import light_copy
-from bitro.tl._model import BiTroModel
 
 
 def _fit(slides, **kw):
@@ -60,12 +60,12 @@ def test_predict_refuses_overwrite(toy_slides):
 
 def test_predict_chunked_cell_outputs_match_one_chunk(toy_slides, monkeypatch):
     """Writing the per-cell outputs in many small chunks gives exactly the one-chunk result."""
-    import bitro.tl._model as model_mod
+    import bitro.tl._predict as predict_mod
 
     model = _fit(toy_slides[:2], max_epochs=1)
     a, b = light_copy(toy_slides[2]), light_copy(toy_slides[2])
     model.predict(a)
-    monkeypatch.setattr(model_mod, "_PREDICT_CHUNK", 7)
+    monkeypatch.setattr(predict_mod, "PREDICT_CHUNK", 7)
     assert a["cells"].obs["bitro_in_bag"].sum() > 7  # more than one chunk
     model.predict(b)
     for x, y in (
@@ -206,7 +206,7 @@ def test_without_zscore_and_weight_decay(tmp_path, toy_slides):
 def test_bulk_fit_and_transfer(toy_bulk_slides):
     train = toy_bulk_slides[:3]
     bulk = _fit(train, level="bulk", max_epochs=3)
-    assert bulk.level == "bulk" and bulk.cluster_weight == pytest.approx(0.1)
+    assert bulk.level == "bulk" and bulk.setup.cluster_weight == pytest.approx(0.1)
     test = light_copy(toy_bulk_slides[3], tables=("spots", "cells", "patches", "bulk"))
     bulk.predict(test)
     assert np.isfinite(test["bulk"].layers["bitro"]).all()
@@ -223,7 +223,7 @@ def test_bulk_fit_and_transfer(toy_bulk_slides):
     # spot -> bulk with LoRA, and a saved LoRA model reloads identically
     spot_model = _fit(train, max_epochs=2)
     to_bulk = bt.tl.transfer(spot_model, train, level="bulk", method="lora", max_epochs=2)
-    assert to_bulk.level == "bulk" and to_bulk.lora_info["rank"] == 8
+    assert to_bulk.level == "bulk" and to_bulk.state.lora["rank"] == 8
 
 
 def test_transfer_new_genes_copies_shared_queries(toy_slides):
@@ -287,7 +287,7 @@ def test_context_ring(tmp_path, toy_slides):
     model.predict(test)
     assert np.isfinite(test["spots"].layers["bitro"]).all()
     model.save(tmp_path / "ctx")
-    assert BiTroModel.load(tmp_path / "ctx").context_um == 120.0
+    assert BiTroModel.load(tmp_path / "ctx").setup.context_um == 120.0
 
 
 def test_predicted_cells_cluster_with_scanpy(toy_slides):

@@ -1,8 +1,7 @@
-"""The BiTro network (pure torch / PyG modules) and the user-facing model class.
+"""The BiTro network: pure torch / PyG modules that know nothing about AnnData.
 
-The ``nn.Module`` classes here know nothing about AnnData. ``BiTroModel`` — the
-scvi-tools-style wrapper that trains on SpatialData — lives in :mod:`bitro.tl`
-and is re-exported here lazily.
+The user-facing model class that trains on SpatialData is :class:`bitro.tl.BiTroModel`; this package
+imports nothing from :mod:`bitro.tl`.
 """
 
 from bitro._lazy import lazy_exports
@@ -19,7 +18,13 @@ _EXPORTS = {
     "cluster_loss": "._losses",
     "pseudo_cell_expression": "._losses",
     "aggregate_bulk": "._losses",
-    "BiTroModel": "bitro.tl._model",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+_lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name == "BiTroModel":
+        msg = "BiTroModel is bt.tl.BiTroModel (bitro.models holds the pure torch network only)."
+        raise AttributeError(msg)
+    return _lazy_getattr(name)

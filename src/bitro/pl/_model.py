@@ -378,7 +378,7 @@ def history(
     Parameters
     ----------
     model_or_history
-        A model with ``.history`` (``bt.models.BiTroModel``) or the dict itself, with lists
+        A model with ``.history`` (``bt.tl.BiTroModel``) or the dict itself, with lists
         ``"epoch"``, ``"train_loss"`` and ``"val_loss"`` (NaN where no validation ran).
     log_scale
         Logarithmic loss axis.

@@ -490,6 +490,41 @@ def _knn_edges(xy: np.ndarray, bag: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return rows[ok], nbr_safe[ok]
 
 
+def within_bag_knn(xy: np.ndarray, bag: np.ndarray, *, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric kNN edges among cells of the same bag: the one graph builder of the package.
+
+    Each cell is linked to its ``k`` nearest cells of its own bag (all of them when the bag has ``k`` or
+    fewer other cells); the edges are symmetrised and de-duplicated; no self-edges. Used by
+    :func:`cell_graph` and by the model's bags, so a graph written by :func:`cell_graph` is the graph
+    the model would build.
+
+    Parameters
+    ----------
+    xy
+        ``(n, 2)`` cell centroids.
+    bag
+        ``(n,)`` integer bag of each cell (every cell belongs to a bag).
+    k
+        Neighbours per cell.
+
+    Returns
+    -------
+    ``(src, dst)`` int64 arrays, both directions of every edge, sorted by ``(src, dst)``.
+    """
+    n = len(xy)
+    src, dst = _knn_edges(np.asarray(xy, dtype=np.float64), np.asarray(bag), int(k))
+    lin = np.concatenate([src * n + dst, dst * n + src]).astype(np.int64)
+    lin = np.unique(lin)  # sorted, de-duplicated
+    return (lin // max(n, 1)).astype(np.int64), (lin % max(n, 1)).astype(np.int64)
+
+
+def bag_fingerprint(codes: np.ndarray) -> str:
+    """Fingerprint of a cell → bag assignment (a stored graph is reused only for the same bags)."""
+    from bitro._hashing import arrays_sha256
+
+    return arrays_sha256([np.asarray(codes, dtype=np.int64)])
+
+
 def cell_graph(
     sdata: sd.SpatialData | ad.AnnData,
     *,
@@ -559,12 +594,9 @@ def cell_graph(
     n = cells.n_obs
 
     members = np.flatnonzero(codes >= 0)
-    src, dst = _knn_edges(xy[members], codes[members], int(k))
-    src, dst = members[src], members[dst]
-    lin = np.sort(np.concatenate([src * n + dst, dst * n + src]))  # sort-based de-duplication
-    if len(lin):
-        lin = lin[np.concatenate([[True], lin[1:] != lin[:-1]])]
-    r, c = lin // n, lin % n
+    src, dst = within_bag_knn(xy[members], codes[members], k=int(k))
+    r, c = members[src], members[dst]  # members is increasing: (r, c) stays sorted
+    lin = r * n + c
     dist = (np.linalg.norm(xy[r] - xy[c], axis=1) * mpp).astype(np.float32)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=n))]).astype(np.int64)
     indices = c.astype(np.int32 if n < 2**31 else np.int64)
@@ -587,6 +619,7 @@ def cell_graph(
         "params": params,
         "n_edges": int(len(lin) // 2),
         "n_cells_in_bags": len(members),
+        "bags_sha256": bag_fingerprint(codes),
         "bitro_version": __version__,
     }
     logger.info(

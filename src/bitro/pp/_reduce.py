@@ -100,6 +100,44 @@ def _sample_rows(xs: Sequence[np.ndarray], max_rows: int, rng: np.random.Generat
     return np.concatenate(parts, axis=0)
 
 
+def _slide_names(objs: Any, tables: list[ad.AnnData]) -> list[str]:
+    """Sample ids of the slides (``bt.io`` scale metadata), ``slide<i>`` when unknown."""
+    import anndata as ad
+
+    if isinstance(objs, ad.AnnData) or hasattr(objs, "tables"):
+        objs = [objs]
+    names = []
+    for i, (obj, table) in enumerate(zip(list(objs), tables, strict=True)):
+        scale = table.uns.get(K.SCALE, {}) if isinstance(obj, ad.AnnData) else obj.attrs.get(K.SCALE, {})
+        names.append(str(scale.get("sample_id", f"slide{i}")) if isinstance(scale, dict) else f"slide{i}")
+    return names
+
+
+def _stored_state(state: Any, fitted_on: list[str], *, fitted_here: bool) -> dict[str, Any]:
+    """What ``uns`` keeps of a fitted projection / phenotype model: arrays, metadata, the slides it saw."""
+    return {
+        "arrays": {k: np.asarray(v) for k, v in state.arrays().items()},
+        "meta": {k: v for k, v in state.meta().items() if v is not None},
+        "fitted_on": list(fitted_on) if fitted_here else [],
+    }
+
+
+def stored_state(table: ad.AnnData, key: str, cls: type) -> tuple[Any, list[str]] | None:
+    """The fitted state that :func:`reduce_features` / :func:`cluster_phenotypes` stored in ``uns[key]``.
+
+    Returns ``(state, slide names it was fitted on)``, or ``None`` when there is none (or it is unreadable).
+    """
+    entry = table.uns.get(key)
+    if not isinstance(entry, dict) or not isinstance(entry.get("state"), dict):
+        return None
+    saved = entry["state"]
+    try:
+        state = cls.from_arrays(dict(saved["arrays"]), dict(saved["meta"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return state, [str(n) for n in np.atleast_1d(saved.get("fitted_on", []))]
+
+
 # --------------------------------------------------------------------------------------------- PCA state
 @dataclass(frozen=True)
 class FeatureProjection:
@@ -208,6 +246,44 @@ class FeatureProjection:
     @staticmethod
     def _array_names() -> tuple[str, ...]:
         return ("mean", "scale", "components", "explained_variance", "explained_variance_ratio")
+
+    @classmethod
+    def fit(
+        cls,
+        xs: Sequence[np.ndarray],
+        *,
+        n_components: int = 128,
+        seed: int | None = None,
+        use_rep: str = K.EMBEDDING,
+        max_cells_fit: int = MAX_CELLS_FIT,
+    ) -> FeatureProjection:
+        """Fit the standardise-then-PCA projection on the cells of one or more slides.
+
+        Used by :func:`bitro.pp.reduce_features` and by :class:`bitro.tl.BiTroModel`, so both give the same
+        projection for the same cells and seed. The fitted state is returned in its stored (float32) form,
+        so a projection applied before and after a save/load gives identical features.
+
+        Parameters
+        ----------
+        xs
+            One ``(n_cells, d)`` array per slide.
+        n_components
+            Output dimension; reduced, with a warning, to ``min(n_cells, d)``.
+        seed
+            Seed of the row sample and the randomized solver (default ``bt.settings.seed``).
+        use_rep
+            The ``obsm`` key the features came from (recorded).
+        max_cells_fit
+            At most this many cells (sampled uniformly across slides) are used for the fit.
+        """
+        state = _fit_projection(
+            list(xs),
+            n_components=n_components,
+            seed=resolve_seed(seed),
+            use_rep=use_rep,
+            max_cells_fit=max_cells_fit,
+        )
+        return cls.from_arrays(state.arrays(), state.meta())
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as one JSON-serialisable dict (arrays as nested lists)."""
@@ -347,19 +423,20 @@ def reduce_features(
         states, fitted = [pca] * len(tables), False
     elif per_sample:
         states = [
-            _fit_projection(
+            FeatureProjection.fit(
                 [x], n_components=n_components, seed=seed, use_rep=use_rep, max_cells_fit=max_cells_fit
             )
             for x in xs
         ]
         fitted = True
     else:
-        state = _fit_projection(
+        state = FeatureProjection.fit(
             xs, n_components=n_components, seed=seed, use_rep=use_rep, max_cells_fit=max_cells_fit
         )
         states, fitted = [state] * len(tables), True
+    names = _slide_names(sdatas, tables)
 
-    for adata, x, state in zip(tables, xs, states, strict=True):
+    for adata, x, state, n in zip(tables, xs, states, names, strict=True):
         adata.obsm[key_added] = state.transform(x)
         adata.uns[key_added] = {
             "params": {
@@ -375,6 +452,8 @@ def reduce_features(
             "n_cells_fit": state.n_cells_fit,
             "explained_variance_ratio": state.explained_variance_ratio.astype(np.float32),
             "bitro_version": __version__,
+            # the fitted state, so a model trained on exactly these slides reuses it instead of refitting
+            "state": _stored_state(state, [n] if per_sample else names, fitted_here=fitted),
         }
     logger.info("reduce_features: wrote obsm[%r] on %d slide(s) (%r).", key_added, len(tables), states[0])
     if per_sample:
@@ -485,6 +564,19 @@ class PhenotypeModel:
             extra={k: v for k, v in meta.items() if k not in known},
         )
 
+    @classmethod
+    def fit(
+        cls, x: np.ndarray, *, n_clusters: int = 8, seed: int | None = None, use_rep: str = PCA_KEY
+    ) -> PhenotypeModel:
+        """Fit k-means phenotypes on ``x`` (``(n_cells, d)``, the training cells of all slides stacked).
+
+        Used by :func:`bitro.pp.cluster_phenotypes` and by :class:`bitro.tl.BiTroModel`. The centroids are
+        returned in their stored (float32) form. k-means uses :class:`~sklearn.cluster.KMeans`
+        (10 initialisations), or :class:`~sklearn.cluster.MiniBatchKMeans` above 100,000 cells.
+        """
+        state = _fit_kmeans(np.asarray(x), n_clusters=n_clusters, seed=resolve_seed(seed), use_rep=use_rep)
+        return cls.from_arrays(state.arrays(), state.meta())
+
     def to_dict(self) -> dict[str, Any]:
         """Everything as one JSON-serialisable dict."""
         return {"meta": self.meta(), "arrays": {k: v.tolist() for k, v in self.arrays().items()}}
@@ -575,10 +667,13 @@ def cluster_phenotypes(
         check_not_exists(key_added, adata.obs, what="obs column", overwrite=overwrite)
     xs = [_rep(a, use_rep, hint=_embed_hint(use_rep)) for a in tables]
     if kmeans is None:
-        model = _fit_kmeans(np.concatenate(xs, axis=0), n_clusters=n_clusters, seed=seed, use_rep=use_rep)
+        model = PhenotypeModel.fit(
+            np.concatenate(xs, axis=0), n_clusters=n_clusters, seed=seed, use_rep=use_rep
+        )
         fitted = True
     else:
         model, fitted = kmeans, False
+    names = _slide_names(sdatas, tables)
     for adata, x in zip(tables, xs, strict=True):
         labels = model.labels(x)
         adata.obs[key_added] = labels
@@ -592,6 +687,7 @@ def cluster_phenotypes(
             },
             "counts": np.bincount(labels.codes, minlength=model.n_clusters).astype(np.int64),
             "bitro_version": __version__,
+            "state": _stored_state(model, names, fitted_here=fitted),
         }
     logger.info("cluster_phenotypes: wrote obs[%r] on %d slide(s) (%r).", key_added, len(tables), model)
     return model

@@ -16,6 +16,12 @@ _EXPORTS = {
     "original_reference": "._metrics",
     "summarize_cv": "._cv",
     "BaselineModel": "._baselines",
+    "BiTroModel": "._model",
+    "TrainConfig": "._configs",
+    "SetupConfig": "._configs",
+    "TargetTransform": "._targets",
+    "register_level": "._levels",
+    "Level": "._levels",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -26,7 +26,9 @@ from bitro import _keys as K
 from bitro._settings import resolve_seed
 from bitro.io._build import get_table
 from bitro.tl._data import cells_of
-from bitro.tl._model import _as_list, _cell_features, _unit_counts
+from bitro.tl._levels import unit_counts as _unit_counts
+from bitro.tl._setup import as_slides as _as_list
+from bitro.tl._setup import cell_features as _cell_features
 from bitro.tl._targets import TargetTransform
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ def cross_validate(
     patients: Sequence[str] | None = None,
     models: Sequence[str] = ("bitro", "ridge", "depth", "cell_count", "mean"),
     genes: list[str] | None = None,
-    target: str = "raw",
+    target: str | None = None,
     folds: Sequence[int] | None = None,
     fit_kwargs: dict[str, Any] | None = None,
     seed: int | None = None,
@@ -57,7 +57,8 @@ def cross_validate(
     genes
         Genes (default: selected on all slides' spots with :func:`bitro.pp.select_genes`).
     target
-        Training target scale, ``"raw"`` or ``"library_size"``; evaluation always reports both scales.
+        Training target scale, ``"raw"`` or ``"library_size"`` (default: :class:`~bitro.tl.SetupConfig`'s,
+        the benchmark's best); evaluation always reports both scales.
     folds
         Run only these fold indices (default: all).
     fit_kwargs
@@ -70,9 +71,11 @@ def cross_validate(
     Tidy DataFrame: ``protocol, fold, test, model, target, metric, scale, value, n_units, n_genes, n_constant``.
     """
     from bitro.tl._api import fit
+    from bitro.tl._configs import SetupConfig
     from bitro.tl._metrics import evaluate
 
     sdatas = list(sdatas)
+    target = SetupConfig.defaults()["target"] if target is None else target
     if protocol not in PROTOCOLS:
         msg = f"protocol must be one of {PROTOCOLS}, got {protocol!r}."
         raise ValueError(msg)

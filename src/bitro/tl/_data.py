@@ -18,6 +18,7 @@ import pandas as pd
 from bitro import _keys as K
 from bitro._logging import logger
 from bitro.io._build import get_mpp, get_scale, get_table
+from bitro.pp._bags import within_bag_knn
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -117,36 +118,6 @@ class BagSet:
         )
 
 
-def knn_within_groups(xy: np.ndarray, group: np.ndarray, *, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric kNN edges between points of the same group, without dense distance matrices.
-
-    One KD-tree over all points, with groups pushed far apart along an extra axis, so a
-    query never returns a point of another group unless its own group is exhausted
-    (those are filtered out).
-
-    Returns
-    -------
-    ``(src, dst)`` int64 arrays of undirected, de-duplicated edges (both directions), no self-loops.
-    """
-    from scipy.spatial import cKDTree
-
-    n = len(xy)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    span = float(np.ptp(xy, axis=0).max()) + 1.0
-    pts = np.column_stack([xy, group.astype(np.float64) * span * 10.0])
-    kk = min(k + 1, n)
-    _, nbr = cKDTree(pts).query(pts, k=kk)
-    nbr = nbr.reshape(n, kk)
-    src = np.repeat(np.arange(n), kk)
-    dst = nbr.ravel()
-    keep = (src != dst) & (dst < n) & (group[src] == group[np.minimum(dst, n - 1)])
-    src, dst = src[keep], dst[keep]
-    both = np.concatenate([np.stack([src, dst]), np.stack([dst, src])], axis=1)
-    both = np.unique(both, axis=1)
-    return both[0].astype(np.int64), both[1].astype(np.int64)
-
-
 def quantise_positions(rel: np.ndarray, n_bins: int) -> np.ndarray:
     """Map relative positions in [0, 1) (per axis) to integer bins ``0..n_bins-1`` (clipped)."""
     return np.clip(np.floor(rel * n_bins), 0, n_bins - 1).astype(np.int64)
@@ -173,6 +144,7 @@ def build_bags(
     pos_bins: int = 64,
     bag_size_um: float | None = None,
     context_um: float | None = None,
+    graphs: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
 ) -> tuple[BagSet, list[pd.Index]]:
     """Group the cells of each slide into bags (one per unit of table ``units_key``).
 
@@ -197,6 +169,10 @@ def build_bags(
         Also collect, for every bag, the cells within this distance outside it (a ring around a spot,
         a border around a patch) as context tokens; positions are then quantised over the bag plus
         its ring.
+    graphs
+        Per slide, a within-bag kNN graph already built for exactly these bags (``(src, dst)`` rows of
+        the cells table, e.g. from :func:`bitro.pp.cell_graph`), or ``None`` to build it here with
+        :func:`bitro.pp._bags.within_bag_knn` (the same builder, so both give the same edges).
 
     Returns
     -------
@@ -271,7 +247,17 @@ def build_bags(
                     quantise_positions((xy_all[cand] - units.obsm[K.SPATIAL][u]) / window_px + 0.5, pos_bins)
                 )
                 parts["cn"].append(len(cand))
-        src, dst = knn_within_groups(xy, bag_of, k=k)
+        graph = graphs[s] if graphs is not None else None
+        if graph is not None:  # the stored graph, in positions of the bag-sorted cells
+            pos = np.full(cells.n_obs, -1, dtype=np.int64)
+            pos[order] = np.arange(len(order))
+            ps, pt = pos[graph[0]], pos[graph[1]]
+            keep = (ps >= 0) & (pt >= 0)
+            m = max(len(order), 1)
+            lin = np.unique(ps[keep] * m + pt[keep])
+            src, dst = lin // m, lin % m
+        else:
+            src, dst = within_bag_knn(xy, bag_of, k=k)
         # local indices within each bag
         start = np.concatenate([[0], np.cumsum(counts)])[:-1]
         eb = bag_of[src]

@@ -96,6 +96,14 @@ class TargetTransform:
         """z-scores → expression in count space (``expm1``; non-negative)."""
         return np.clip(np.expm1(self.to_log1p(z)), 0.0, None)
 
+    def to_counts_torch(self, z: Any) -> Any:
+        """z-scores → count space on a torch tensor, differentiably (the values of :meth:`to_counts`)."""
+        import torch
+
+        mean = torch.as_tensor(self.mean, dtype=z.dtype, device=z.device)
+        std = torch.as_tensor(self.std, dtype=z.dtype, device=z.device)
+        return torch.clamp(torch.expm1(z * std + mean), min=0.0)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Arrays to store in safetensors."""
         return {"target_mean": self.mean.astype(np.float64), "target_std": self.std.astype(np.float64)}
