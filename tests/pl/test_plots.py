@@ -591,11 +591,15 @@ def test_save_writes_publication_resolution_and_never_replaces_foreign_files(sli
     bt.pl.history({"epoch": [1, 2], "train_loss": [2.0, 1.0], "val_loss": [2.0, 1.5]}, save=pdf)
     assert pdf.read_bytes().startswith(b"%PDF")
     bt.pl.history({"epoch": [1, 2], "train_loss": [2.0, 1.0], "val_loss": [2.0, 1.5]}, save=pdf)  # its own
-    foreign = tmp_path / "notes.png"
-    foreign.write_text("my notes")
-    with pytest.raises(FileExistsError, match="not a figure matplotlib wrote"):
-        bt.pl.cells(slide, color="phenotype", save=foreign)
-    assert foreign.read_text() == "my notes"
+    jpg = tmp_path / "cells.jpg"  # JPEG names no writer: an image of that format counts as a figure
+    bt.pl.cells(slide, color="phenotype", save=jpg)
+    bt.pl.cells(slide, color="phenotype", save=jpg)
+    for name in ("notes.png", "notes.jpg"):
+        foreign = tmp_path / name
+        foreign.write_text("my notes")
+        with pytest.raises(FileExistsError, match="not a figure matplotlib wrote"):
+            bt.pl.cells(slide, color="phenotype", save=foreign)
+        assert foreign.read_text() == "my notes"
     with pytest.raises(ValueError, match="figure suffix"):
         bt.pl.cells(slide, color="phenotype", save=tmp_path / "cells.txt")
     (tmp_path / "d.png").mkdir()

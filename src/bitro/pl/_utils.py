@@ -252,7 +252,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: float | None = Non
     """Write ``fig`` to ``path`` at ``dpi`` (default ``bt.settings.savefig_dpi``) with a tight bounding box.
 
     An existing file is replaced only when it is a figure matplotlib wrote (its header or trailer
-    names matplotlib); any other file is refused, so a user's file is never overwritten.
+    names matplotlib; for JPEG, GIF, TIFF and WebP, which carry no writer name: an image of that
+    format); any other file is refused, so a user's notes or data are never overwritten.
     """
     from bitro._settings import settings
 
@@ -281,8 +282,16 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: float | None = Non
     return path
 
 
+_PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "gif": "GIF", "tif": "TIFF", "tiff": "TIFF", "webp": "WEBP"}
+"""Raster formats matplotlib writes through Pillow without naming itself, by suffix → Pillow format."""
+
+
 def _written_by_matplotlib(path: Path, span: int = 65536) -> bool:
-    """Whether the first or last ``span`` bytes of ``path`` name matplotlib (PNG/SVG/PDF/PS metadata)."""
+    """Whether ``path`` is a figure an earlier ``save=`` may have written.
+
+    Its first or last ``span`` bytes name matplotlib (PNG, SVG, PDF, PS metadata), or — for formats
+    that carry no writer name (JPEG, GIF, TIFF, WebP) — it is an image of the format its suffix says.
+    """
     try:
         with path.open("rb") as fh:
             head = fh.read(span)
@@ -290,7 +299,18 @@ def _written_by_matplotlib(path: Path, span: int = 65536) -> bool:
             tail = fh.read(span)
     except OSError:
         return False
-    return b"matplotlib" in head.lower() or b"matplotlib" in tail.lower()
+    if b"matplotlib" in head.lower() or b"matplotlib" in tail.lower():
+        return True
+    expected = _PIL_FORMATS.get(path.suffix.lower().lstrip("."))
+    if expected is None:
+        return False
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == expected
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 def style_spatial_axes(ax: Axes, bbox: BBox, title: str | None = None) -> None:
