@@ -25,15 +25,20 @@ extensions = [
     "sphinx.ext.viewcode",
 ]
 autosummary_generate = True
+templates_path = ["_templates"]  # autosummary/pl_function.rst: the bt.pl pages with their example figure
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 napoleon_use_rtype = False
+# bitro's Returns sections are prose (often with lists), not "name : type" lines: render them as written
+napoleon_custom_sections = ["Returns"]
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 nb_execution_mode = "off"
-source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
-exclude_patterns = ["_build", "generated/*.ipynb", "**.ipynb_checkpoints"]
+# ".rst" first: autosummary writes its stubs with the first suffix it takes for reStructuredText, and
+# it takes ".md" for one (the stubs were .md files parsed by MyST, so every API page was empty)
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+exclude_patterns = ["_build", "_templates", "generated/*.md", "generated/*.ipynb", "**.ipynb_checkpoints"]
 html_theme = "sphinx_book_theme"
 html_title = f"bitro {__version__}"
 html_theme_options = {"show_toc_level": 2}

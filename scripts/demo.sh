@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/bitro demo --out bitro_demo "$@"
+.venv/bin/bitro demo "$@"  # each run writes a fresh bitro_demo/<YYYYmmdd-HHMMSS>/ (or pass --out DIR)

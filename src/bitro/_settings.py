@@ -24,6 +24,9 @@ class BitroSettings:
         ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"`` or ``"cuda:N"``.
     seed
         Default seed used where a function's ``seed=None``.
+    savefig_dpi
+        Resolution (dots per inch) of figures the ``bt.pl`` functions write with ``save=``
+        (default 300, print quality).
     """
 
     def __init__(self) -> None:
@@ -31,6 +34,7 @@ class BitroSettings:
         self.progress: bool = True
         self._device = "auto"
         self._seed = 0
+        self._savefig_dpi = 300
         self.verbosity = 1
 
     @property
@@ -70,10 +74,22 @@ class BitroSettings:
             raise ValueError(msg)
         self._seed = 0 if value is None else int(value)
 
+    @property
+    def savefig_dpi(self) -> int:
+        """Resolution of figures saved by ``bt.pl`` functions (``save=``)."""
+        return self._savefig_dpi
+
+    @savefig_dpi.setter
+    def savefig_dpi(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 10 <= value <= 2400:
+            msg = f"savefig_dpi must be a number of dots per inch between 10 and 2400, got {value!r}."
+            raise ValueError(msg)
+        self._savefig_dpi = int(value)
+
     def __repr__(self) -> str:
         return (
             f"BitroSettings(verbosity={self.verbosity}, progress={self.progress}, "
-            f"device={self.device!r}, seed={self.seed})"
+            f"device={self.device!r}, seed={self.seed}, savefig_dpi={self.savefig_dpi})"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,6 +99,7 @@ class BitroSettings:
             "progress": self.progress,
             "device": self.device,
             "seed": self.seed,
+            "savefig_dpi": self.savefig_dpi,
         }
 
 

@@ -257,19 +257,53 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_predict(sub, parent)
     _add_evaluate(sub, parent)
     _add_transfer(sub, parent)
-    demo = sub.add_parser("demo", parents=[parent], help="run the pipeline on the built-in synthetic tissue")
-    demo.add_argument("--out", default="bitro_demo", help="output folder (created; never overwritten)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--size", type=int, default=1600, help="synthetic slide size in pixels")
-    demo.add_argument("--slides", type=int, default=3, help="number of synthetic slides")
-    demo.add_argument("--epochs", type=int, default=30)
+    _add_demo(sub, parent)
     return parser
+
+
+def _add_demo(sub, parent) -> None:
+    demo = sub.add_parser(
+        "demo",
+        parents=[parent],
+        help="run the pipeline on the built-in synthetic tissue",
+        description=(
+            "Synthetic slides → stain normalisation → segmentation → embedding → fit bitro and baselines on all "
+            "but the last slide → predict and score the last. Writes report.md (headline: bitro vs ridge), "
+            "report.json, metrics.csv and figures. Every run gets a fresh folder unless --out is given."
+        ),
+    )
+    demo.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output folder, absent or empty (default: a fresh bitro_demo/<YYYYmmdd-HHMMSS>)",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --out hold an earlier demo's output and replace it (other files are never removed)",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="random seed of the tissue and the models (default: 0)"
+    )
+    demo.add_argument("--size", type=int, default=1600, help="synthetic slide size in pixels (default: 1600)")
+    demo.add_argument(
+        "--slides", type=int, default=3, help="number of synthetic slides, the last one held out (default: 3)"
+    )
+    demo.add_argument("--epochs", type=int, default=30, help="maximum training epochs of bitro (default: 30)")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from bitro._demo import run_demo
 
-    report = run_demo(out=args.out, seed=args.seed, size=args.size, n_slides=args.slides, epochs=args.epochs)
+    report = run_demo(
+        out=args.out,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        size=args.size,
+        n_slides=args.slides,
+        epochs=args.epochs,
+    )
     logger.info("Report written to %s", report)
     sys.stdout.write(f"{report}\n")
     return 0

@@ -407,3 +407,208 @@ def test_spatial_on_a_whole_her2st_section(data_dir):
     np.testing.assert_allclose(_disc_collection(axes).get_array(), np.log1p(counts.ravel()), rtol=1e-6)
     radius = _disc_collection(axes).get_paths()[0].get_extents().width / 2
     assert radius * bt.io.get_mpp(sdata) == pytest.approx(50.0, rel=0.02)  # 100 µm ST spots
+
+
+# ---------------------------------------------------------------------------- figure fixes (issue #17)
+def _shape_extents(ax):
+    """Display-space extents of every drawn shape, clipped to the axes (what the reader sees)."""
+    from matplotlib.transforms import Bbox
+
+    extents = []
+    for coll in ax.collections:
+        transform = coll.get_transform()
+        for path in coll.get_paths():
+            ext = path.get_extents(transform)
+            clipped = Bbox.intersection(ext, ax.bbox)
+            if clipped is not None and clipped.width > 0 and clipped.height > 0:
+                extents.append(clipped)
+    return extents
+
+
+def _overlaps(box, extents) -> list:
+    return [e for e in extents if box.overlaps(e)]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: bt.pl.spatial(s, genes=["ERBB2", "GNAS"], show=False),
+        lambda s: bt.pl.cells(s, color=["phenotype", "ERBB2"], show=False),
+        lambda s: bt.pl.cells(s, color="ERBB2", crop=(30, 30, 210, 165), show=False),
+        lambda s: bt.pl.segmentation(s, show=False),
+        lambda s: bt.pl.attention(s, spot="spot9", gene="ERBB2", show=False),
+    ],
+)
+def test_scale_bar_and_missing_legend_cover_no_shape(call, slide):
+    slide.tables["spots"].layers["bitro"][[8, 9], :] = np.nan  # bottom-row spots without prediction
+    slide.tables["cells"].layers["bitro"][:10] = np.nan
+    out = call(slide)
+    axes = out if isinstance(out, list) else [out]
+    fig = axes[0].figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in axes:
+        extents = _shape_extents(ax)
+        assert extents, "the panel draws shapes"
+        # the bottom row of shapes reaches the lower edge region of the data
+        (bar,) = _scale_bars(ax)
+        box = bar.get_window_extent(renderer)
+        assert not _overlaps(box, extents), "the scale bar covers shapes"
+        assert box.y1 <= ax.bbox.y0 + 1.0, "the scale bar hangs under the panel"
+        assert bar.patch is None or not bar.patch.get_visible() or bar.patch.get_alpha() in (None, 0)
+        for legend in [a for a in ax.artists if a.get_gid() == "missing_legend"]:
+            assert not _overlaps(legend.get_window_extent(renderer), extents)
+            assert not legend.get_window_extent(renderer).overlaps(box), "the legend and the bar collide"
+
+
+def _missing_legend_texts(ax) -> list[str]:
+    return [t.get_text() for a in ax.artists if a.get_gid() == "missing_legend" for t in a.get_texts()]
+
+
+def test_grey_spots_and_cells_are_explained(slide):
+    spots, cells = slide.tables["spots"], slide.tables["cells"]
+    axes = bt.pl.spatial(slide, genes="ERBB2", show=False)
+    assert _missing_legend_texts(axes[0]) == [] and _missing_legend_texts(axes[1]) == []  # nothing grey
+    spots.layers["bitro"][[0, 5], spots.var_names.get_loc("ERBB2")] = np.nan
+    spots.layers["bitro"][:, spots.var_names.get_loc("GNAS")] = np.nan
+    axes = bt.pl.spatial(slide, genes=["ERBB2", "GNAS"], show=False)
+    assert _missing_legend_texts(axes[0]) == []  # observed counts are complete
+    assert _missing_legend_texts(axes[1]) == ["no prediction (no cells)"]
+    assert _missing_legend_texts(axes[3]) == ["no prediction (gene not predicted)"]
+    colours = _disc_collection(axes[1]).to_rgba(_disc_collection(axes[1]).get_array())
+    assert to_hex(colours[0]) == to_hex(U.NAN_COLOR)  # the explained spots are the grey ones
+    # cells outside every spot, and a categorical column with missing labels
+    cells.layers["bitro"][:4] = np.nan
+    labels = cells.obs["phenotype"].astype(object).to_numpy()
+    labels[:3] = None
+    cells.obs["phenotype"] = pd.Categorical(labels, categories=PHENOTYPES)
+    gene_ax, pheno_ax = bt.pl.cells(slide, color=["KRT19", "phenotype"], show=False)
+    assert _missing_legend_texts(gene_ax) == ["no prediction (outside spots)"]
+    legend = [t.get_text() for t in pheno_ax.get_legend().get_texts()]
+    assert legend[-1] == "no value (NaN)" and legend[:-1] == PHENOTYPES
+    cells.obs["area"] = cells.obs["area"].where(np.arange(cells.n_obs) > 2)
+    assert _missing_legend_texts(bt.pl.cells(slide, color="area", show=False)) == ["no value (NaN)"]
+
+
+def test_cells_colour_bar_is_labelled(slide):
+    axes = bt.pl.cells(slide, color=["ERBB2", "area", ("X_bitro_expr", 1)], show=False)
+    fig = axes[0].figure
+    labels = [a.get_ylabel() for a in fig.axes if a not in axes]  # the colour-bar axes
+    assert labels == ["log1p predicted ERBB2 (bitro)", "area", "X_bitro_expr[1]"]
+    ax = bt.pl.cells(slide, color="ERBB2", layer=None, show=False)
+    assert [a.get_ylabel() for a in ax.figure.axes if a is not ax] == ["ERBB2 (X)"]
+
+
+def test_titles_name_the_slide(slide):
+    assert bt.pl.spatial(slide, genes="ERBB2", show=False)[0].get_title() == "ERBB2 · observed (counts)"
+    bt.io.set_scale(slide, mpp=MPP, sample_id="C2")
+    titles = [ax.get_title() for ax in bt.pl.spatial(slide, genes="ERBB2", show=False)]
+    assert titles == ["C2 · ERBB2 · observed (counts)", "C2 · ERBB2 · predicted (bitro)"]
+    assert bt.pl.cells(slide, color="phenotype", show=False).get_title() == "C2 · phenotype"
+    assert bt.pl.segmentation(slide, show=False).get_title().startswith("C2 · cells_shapes")
+    assert bt.pl.attention(slide, spot="spot1", gene="GNAS", show=False).get_title().startswith("C2 · GNAS")
+    assert bt.pl.scatter_pred(slide, gene="GNAS", show=False).get_title().startswith("C2 · GNAS: r = ")
+    slide.tables["spots"].var["bitro_pcc_raw"] = np.linspace(-0.2, 0.8, len(GENES))
+    assert bt.pl.gene_correlations(slide, show=False).get_title().startswith("C2 · Per-gene")
+    # an AnnData names its slide from obs["sample_id"] when it holds one value
+    spots = slide.tables["spots"].copy()
+    spots.obs["sample_id"] = pd.Categorical(["B1"] * spots.n_obs)
+    assert bt.pl.spatial(spots, genes="ERBB2", layers="counts", show=False).get_title().startswith("B1 · ")
+
+
+def _face_colours(ax) -> list[str]:
+    return [to_hex(c) for c in ax.collections[0].get_facecolors()]
+
+
+def test_default_palettes_differ_by_key(slide):
+    cells = slide.tables["cells"]
+    cells.obs["cell_type"] = cells.obs["phenotype"].cat.rename_categories(["tumour", "T cell", "fibroblast"])
+    cells.obs["cluster"] = cells.obs["phenotype"].cat.rename_categories(["0", "1", "2"])
+    # the same labels under two keys: side by side, the colours differ
+    cluster_ax, type_ax = bt.pl.cells(slide, color=["cluster", "cell_type"], show=False)
+    assert set(_face_colours(cluster_ax)).isdisjoint(_face_colours(type_ax))
+    # and in two separate calls (e.g. two ax=), because the key picks the palette
+    alone = bt.pl.cells(slide, color="cell_type", show=False)
+    assert _face_colours(alone) == _face_colours(type_ax)
+    assert set(_face_colours(bt.pl.cells(slide, color="cluster", show=False))).isdisjoint(
+        _face_colours(alone)
+    )
+    tab10 = [to_hex(plt.get_cmap("tab10")(i)) for i in range(3)]
+    assert set(_face_colours(cluster_ax)) == set(tab10)  # clusterings keep scanpy's tab10
+    # two non-cluster keys in one call never share a palette, even when their keys pick the same one
+    cells.obs["type"] = cells.obs["cell_type"]
+    assert U.default_palette("type", 3) == U.default_palette("cell_type", 3)  # the checksum collides
+    first, second = bt.pl.cells(slide, color=["cell_type", "type"], show=False)
+    assert _face_colours(first) == _face_colours(type_ax)  # the first keeps its key's palette
+    assert set(_face_colours(first)).isdisjoint(_face_colours(second))
+    # an explicit palette wins
+    red = bt.pl.cells(slide, color="cell_type", palette=["#ff0000"] * 3, show=False)
+    assert set(_face_colours(red)) == {"#ff0000"}
+    # many categories: neighbouring categories of the interleaved tab20b differ in hue
+    lut = U.category_colors([str(i) for i in range(15)], key="region")
+    assert len(set(lut.values())) == 15
+    assert lut["1"] == to_hex(plt.get_cmap("tab20b")(4))
+
+
+def test_cellvit_class_colours_are_honoured(slide):
+    cells = slide.tables["cells"]
+    classes = np.array(["Neoplastic", "Inflammatory", "unknown"])[cells.obs["phenotype"].cat.codes.to_numpy()]
+    cells.obs["classification"] = pd.Categorical(classes)
+    ax = bt.pl.cells(slide, color="classification", show=False)
+    expected = {"Neoplastic": "#ff0000", "Inflammatory": "#22dd4d", "unknown": U.UNKNOWN_COLOR}
+    assert _face_colours(ax) == [expected[c] for c in classes]
+    # colours stored with the table (scanpy's uns[f"{key}_colors"], in category order) come first
+    cells.uns["classification_colors"] = ["#000000", "#111111", "#222222"]
+    stored = dict(zip(cells.obs["classification"].cat.categories, cells.uns["classification_colors"]))
+    assert _face_colours(bt.pl.cells(slide, color="classification", show=False)) == [
+        stored[c] for c in classes
+    ]
+    # categories that are not all CellViT classes get the key's default palette
+    assert U.cellvit_colors(["Neoplastic", "stroma"]) is None
+    assert U.cellvit_colors(["neoplastic", "Dead"]) == {"neoplastic": "#ff0000", "Dead": "#feff00"}
+
+
+def test_save_writes_publication_resolution_and_never_replaces_foreign_files(slide, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "figs" / "spatial.png"
+    ax = bt.pl.spatial(slide, genes="ERBB2", layers="bitro", save=path, show=False)
+    assert isinstance(ax, Axes) and path.is_file()
+    assert bt.settings.savefig_dpi == 300
+    with Image.open(path) as im:
+        assert im.info["dpi"][0] == pytest.approx(300, abs=1)
+        width = im.size[0]
+    # rerunning replaces its own figure; the setting changes the resolution
+    old = bt.settings.savefig_dpi
+    try:
+        bt.settings.savefig_dpi = 150
+        bt.pl.spatial(slide, genes="ERBB2", layers="bitro", save=path, show=False)
+    finally:
+        bt.settings.savefig_dpi = old
+    with Image.open(path) as im:
+        assert im.info["dpi"][0] == pytest.approx(150, abs=1) and im.size[0] < width
+    pdf = tmp_path / "history.pdf"
+    bt.pl.history({"epoch": [1, 2], "train_loss": [2.0, 1.0], "val_loss": [2.0, 1.5]}, save=pdf)
+    assert pdf.read_bytes().startswith(b"%PDF")
+    bt.pl.history({"epoch": [1, 2], "train_loss": [2.0, 1.0], "val_loss": [2.0, 1.5]}, save=pdf)  # its own
+    jpg = tmp_path / "cells.jpg"  # JPEG names no writer: an image of that format counts as a figure
+    bt.pl.cells(slide, color="phenotype", save=jpg)
+    bt.pl.cells(slide, color="phenotype", save=jpg)
+    for name in ("notes.png", "notes.jpg"):
+        foreign = tmp_path / name
+        foreign.write_text("my notes")
+        with pytest.raises(FileExistsError, match="not a figure matplotlib wrote"):
+            bt.pl.cells(slide, color="phenotype", save=foreign)
+        assert foreign.read_text() == "my notes"
+    with pytest.raises(ValueError, match="figure suffix"):
+        bt.pl.cells(slide, color="phenotype", save=tmp_path / "cells.txt")
+    (tmp_path / "d.png").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder"):
+        bt.pl.cells(slide, color="phenotype", save=tmp_path / "d.png")
+
+
+def test_savefig_dpi_setting_validates():
+    for bad in (0, -5, "300", True, 10_000):
+        with pytest.raises(ValueError, match="savefig_dpi"):
+            bt.settings.savefig_dpi = bad
+    assert "savefig_dpi=300" in repr(bt.settings)

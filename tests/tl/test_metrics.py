@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -218,6 +220,27 @@ def test_evaluate_nan_genes_and_units(rng):
     assert adata.uns["bitro_eval"]["n_units_without_prediction"] == 2
     sub = bt.tl.evaluate(adata, genes=["G0", "G1"], inplace=False)
     assert (sub.n_genes == 2).all()
+
+
+def test_evaluate_says_once_which_genes_were_scored(rng, caplog):
+    adata, counts = _spots_table(rng)
+    pred = np.log1p(counts).astype(np.float32)
+    pred[:, [2, 4]] = np.nan  # genes the model does not have
+    adata.layers["bitro"] = pred
+    with caplog.at_level(logging.INFO, logger="bitro"):
+        bt.tl.evaluate(adata)
+    lines = [
+        r.getMessage() for r in caplog.records if "genes" in r.getMessage() and "scored" in r.getMessage()
+    ]
+    n = adata.n_vars
+    assert lines == [
+        f"evaluate: scored the {n - 2} genes with a prediction in layer 'bitro'; "
+        f"2 of the table's {n} genes have no prediction (not in the model)."
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bitro"):
+        bt.tl.evaluate(adata, genes=["G0", "G1"], inplace=False)
+    assert "evaluate: scored the 2 genes of genes= in layer 'bitro'; 2 of the table's" in caplog.text
 
 
 def test_evaluate_errors(rng):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,21 @@ CENTROID_RADIUS_UM = 4.0
 """Radius of the dot drawn for a cell when only centroids are shown."""
 
 Color = str | tuple[str, int]
+
+
+class _Colouring(NamedTuple):
+    """What colours one panel: resolved from a ``color=`` entry by :func:`_color_values`."""
+
+    key: str
+    """obs column, gene or obsm key (picks the default palette and ``uns[f"{key}_colors"]``)."""
+    title: str
+    label: str
+    """Colour-bar label."""
+    values: np.ndarray
+    """Values, or category codes (-1 = missing) when ``categories`` is not ``None``."""
+    categories: list[str] | None
+    layer: str | None
+    """Layer of gene values (``None`` for obs/obsm colours and ``X``)."""
 
 
 @doc_params
@@ -47,8 +63,13 @@ def cells(
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ):
     """Cells drawn as nucleus polygons (or centroids) over the H&E, one panel per ``color``.
+
+    Cells without a value (e.g. cells outside every spot have no prediction) are grey, with a
+    legend entry saying so; colour bars are labelled with what they show; titles name the slide
+    (``sample_id`` of :func:`bitro.io.get_scale`) when it is recorded.
 
     Parameters
     ----------
@@ -73,8 +94,13 @@ def cells(
     cmap
         Colour map of continuous values.
     palette
-        Colours of categories: a colour-map name, a list, or a dict category → colour (default:
-        ``uns[f"{color}_colors"]`` when present, else tab10/tab20).
+        Colours of categories: a colour-map name, a list, or a dict category → colour. Default:
+        ``uns[f"{color}_colors"]`` when present (scanpy's convention); CellViT's class colours
+        when the categories are CellViT classes (``"Neoplastic"``, ``"Inflammatory"``…, e.g.
+        ``obs["classification"]`` of :func:`bitro.io.read_cell_segmentation`); else a palette
+        chosen by the key: tab10/tab20 for clusterings (``leiden``, ``cluster``, ``phenotype``…),
+        another qualitative palette for other keys (``cell_type``…), and different palettes for
+        the categorical panels of one call — so clusters and true types never share colours.
     vmin, vmax
         Colour limits of continuous values: numbers or percentiles ``"pN"`` (default ``"p0"``/``"p99"``).
     alpha
@@ -87,6 +113,7 @@ def cells(
     {doc_scale_bar_um}
     {doc_ax_panels}
     {doc_show_return_fig}
+    {doc_save}
 
     Returns
     -------
@@ -112,11 +139,13 @@ def cells(
         msg = f"polygons must be True, False or 'auto', got {polygons!r}."
         raise ValueError(msg)
     mpp = U.resolve_mpp(data, adata, mpp)
+    slide = U.slide_name(data, adata)
     image = U.load_image(sdata, image_key, bbox)
     fig, axes = U.make_axes(len(colors), ax=ax, ncols=ncols)
-    for axis, (title, values, categories) in zip(axes, resolved):
+    used_palettes: list[str] = []
+    for axis, (key, title, label, values, categories, value_layer) in zip(axes, resolved):
         U.draw_image(axis, image)
-        U.style_spatial_axes(axis, bbox, title)
+        U.style_spatial_axes(axis, bbox, U.titled(title, slide))
         sub_shapes = None if shapes is None else shapes.iloc[np.flatnonzero(view)]
         collection = _cells_collection(axis, xy[view], sub_shapes, mpp, alpha)
         if categories is None:
@@ -127,17 +156,26 @@ def cells(
             lo, hi = U.resolve_limit(vmin, vals, 0.0), U.resolve_limit(vmax, vals, 99.0)
             collection.set_clim(lo, hi if hi > lo else lo + 1e-6)
             axis.add_collection(collection)
-            fig.colorbar(collection, ax=axis, shrink=0.8)
+            fig.colorbar(collection, ax=axis, shrink=0.8, label=label)
         else:
             codes = values[view]
-            lut = U.category_colors(categories, palette, adata.uns.get(f"{title}_colors"))
+            stored = adata.uns.get(f"{key}_colors")
+            if palette is None and stored is None and U.cellvit_colors(categories) is None:
+                chosen: Any = U.default_palette(key, len(categories), used_palettes)
+                used_palettes.append(chosen)
+            else:
+                chosen = palette
+            lut = U.category_colors(categories, chosen, stored, key=key)
             face = [lut[str(categories[int(c)])] if c >= 0 else U.NAN_COLOR for c in codes]
             collection.set_facecolor(face)
             axis.add_collection(collection)
             if legend:
-                _category_legend(axis, lut, alpha)
+                _category_legend(axis, lut, alpha, missing=bool((codes < 0).any()))
         U.add_scale_bar(axis, mpp, scale_bar_um)
-    return U.finish(fig, axes, show=show, return_fig=return_fig)
+        if categories is None and not np.isfinite(values[view]).all():
+            why = U.missing_label(adata, value_layer, values[view], unit="outside spots")
+            U.add_missing_legend(axis, why, alpha)
+    return U.finish(fig, axes, show=show, return_fig=return_fig, save=save)
 
 
 @doc_params
@@ -153,6 +191,7 @@ def segmentation(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ):
     """Nucleus outlines (``shapes_key``) over a crop of the image.
 
@@ -171,6 +210,7 @@ def segmentation(
     {doc_scale_bar_um}
     {doc_ax}
     {doc_show_return_fig}
+    {doc_save}
 
     Returns
     -------
@@ -195,19 +235,19 @@ def segmentation(
     fig, axes = U.make_axes(1, ax=ax, ncols=1)
     axis = axes[0]
     U.draw_image(axis, image)
-    U.style_spatial_axes(axis, bbox, f"{shapes_key} ({len(shapes)} in view)")
+    U.style_spatial_axes(axis, bbox, U.titled(f"{shapes_key} ({len(shapes)} in view)", U.slide_name(sdata)))
     if len(shapes):
         outlines = U.shape_collection(
             shapes, facecolor="none", edgecolor=edgecolor, linewidths=linewidth, zorder=2
         )
         axis.add_collection(outlines)
     U.add_scale_bar(axis, U.resolve_mpp(sdata), scale_bar_um)
-    return U.finish(fig, axes, show=show, return_fig=return_fig)
+    return U.finish(fig, axes, show=show, return_fig=return_fig, save=save)
 
 
 # ---------------------------------------------------------------------------- helpers
-def _color_values(adata: ad.AnnData, color: Color, layer: str | None) -> tuple[str, np.ndarray, list | None]:
-    """Title, values and categories (``None`` for continuous values; codes otherwise) of ``color``."""
+def _color_values(adata: ad.AnnData, color: Color, layer: str | None) -> _Colouring:
+    """Resolve one ``color=`` entry: an ``(obsm key, column)``, an obs column or a gene of ``layer``."""
     if isinstance(color, tuple):
         if len(color) != 2 or color[0] not in adata.obsm:
             key = color[0] if color else color
@@ -216,16 +256,22 @@ def _color_values(adata: ad.AnnData, color: Color, layer: str | None) -> tuple[s
         if not -matrix.shape[1] <= int(color[1]) < matrix.shape[1]:
             msg = f"obsm[{color[0]!r}] has {matrix.shape[1]} columns; column {color[1]} does not exist."
             raise IndexError(msg)
-        return f"{color[0]}[{color[1]}]", matrix[:, int(color[1])].astype(np.float64), None
+        name = f"{color[0]}[{color[1]}]"
+        return _Colouring(str(color[0]), name, name, matrix[:, int(color[1])].astype(np.float64), None, None)
     if color in adata.obs.columns:
         column = adata.obs[color]
         if isinstance(column.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(column):
             cat = column.astype("category") if not isinstance(column.dtype, pd.CategoricalDtype) else column
-            return color, cat.cat.codes.to_numpy(), [str(c) for c in cat.cat.categories]
-        return color, column.to_numpy(dtype=np.float64), None
+            categories = [str(c) for c in cat.cat.categories]
+            return _Colouring(color, color, color, cat.cat.codes.to_numpy(), categories, None)
+        return _Colouring(color, color, color, column.to_numpy(dtype=np.float64), None, None)
     if color in adata.var_names:
         values = U.dense_column(adata, color, layer)
-        return f"{color} ({layer or 'X'})", values, None
+        if U.is_prediction_layer(adata, layer):
+            label = f"log1p predicted {color} ({layer})"
+        else:
+            label = f"{color} ({'X' if layer is None else f'layer {layer!r}'})"
+        return _Colouring(color, f"{color} ({layer or 'X'})", label, values, None, layer)
     raise U.close_matches_error(
         color,
         [*map(str, adata.obs.columns), *map(str, adata.var_names)],
@@ -258,14 +304,16 @@ def _cells_collection(axis: Axes, xy: np.ndarray, shapes, mpp: float | None, alp
     return U.circle_collection(xy, radius, alpha=alpha, linewidths=0, zorder=2)
 
 
-def _category_legend(axis: Axes, lut: dict[str, str], alpha: float) -> None:
+def _category_legend(axis: Axes, lut: dict[str, str], alpha: float, *, missing: bool = False) -> None:
+    """Legend of the category colours right of the panel; ``missing`` adds the grey "no value" entry."""
     from matplotlib.lines import Line2D
 
+    entries = [*lut.items(), *([("no value (NaN)", U.NAN_COLOR)] if missing else [])]
     handles = [
         Line2D(
             [], [], marker="o", linestyle="", markerfacecolor=c, markeredgecolor="none", alpha=alpha, label=k
         )
-        for k, c in lut.items()
+        for k, c in entries
     ]
     axis.legend(
         handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small"

@@ -29,6 +29,11 @@ show
 return_fig
     Return the Figure."""
 
+doc_save = """\
+save
+    Write the figure to this file (format from the suffix: ``.png``, ``.pdf``, ``.svg``…) at
+    ``bt.settings.savefig_dpi`` (default 300 dpi) with a tight bounding box; ``None`` writes nothing."""
+
 doc_mpp = """\
 mpp
     µm per pixel for the scale bar when ``data`` carries no scale (AnnData)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ def gene_correlations(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ):
     """Ranked per-gene Pearson correlations: the ``n_top`` best and worst genes by name.
 
@@ -52,6 +54,7 @@ def gene_correlations(
         Colours of positive and of negative correlations.
     {doc_ax}
     {doc_show_return_fig}
+    {doc_save}
 
     Returns
     -------
@@ -94,11 +97,21 @@ def gene_correlations(
         )
     axis.set_xlim(-0.7, positions[-1] + 0.7)
     axis.set_ylabel("Pearson r (observed vs predicted)")
-    axis.set_title(
+    title = (
         f"Per-gene correlation: top and bottom {min(n_top, n)}" if gap is not None else "Per-gene correlation"
     )
+    axis.set_title(U.titled(title, _result_slide(result, table_key)))
     axis.legend(loc="upper right", fontsize="small", frameon=False)
-    return U.finish(fig, axes, show=show, return_fig=return_fig)
+    return U.finish(fig, axes, show=show, return_fig=return_fig, save=save)
+
+
+def _result_slide(result: Any, table_key: str) -> str | None:
+    """Slide name of a table or SpatialData ``result`` (``None`` for a Series or DataFrame)."""
+    if U.is_spatialdata(result):
+        return U.slide_name(result, result.tables.get(table_key))
+    if hasattr(result, "var") and hasattr(result, "obs"):
+        return U.slide_name(result, result)
+    return None
 
 
 def _pcc_series(result: Any, key: str | None, table_key: str) -> pd.Series:
@@ -151,6 +164,7 @@ def scatter_pred(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ):
     """Observed (log1p) against predicted expression of one gene over the spots, with Pearson r.
 
@@ -169,12 +183,14 @@ def scatter_pred(
         Marker colour and size.
     {doc_ax}
     {doc_show_return_fig}
+    {doc_save}
 
     Returns
     -------
     {doc_returns}
     """
     adata, _ = U.resolve_table(data, table_key)
+    slide = U.slide_name(data, adata)
     if len(layers) != 2:
         msg = f"layers must be (observed, predicted), got {layers!r}."
         raise ValueError(msg)
@@ -194,8 +210,8 @@ def scatter_pred(
     axis.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=0.8)
     axis.set_xlabel(f"observed log1p ({obs_layer or 'X'})")
     axis.set_ylabel(f"predicted ({pred_layer or 'X'})")
-    axis.set_title(f"{gene}: r = {r:.3f} (n = {int(ok.sum())})")
-    return U.finish(fig, axes, show=show, return_fig=return_fig)
+    axis.set_title(U.titled(f"{gene}: r = {r:.3f} (n = {int(ok.sum())})", slide))
+    return U.finish(fig, axes, show=show, return_fig=return_fig, save=save)
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -251,6 +267,7 @@ def attention(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ):
     """The gene-query attention over one spot's cells, drawn over the H&E around the spot.
 
@@ -281,6 +298,7 @@ def attention(
     {doc_scale_bar_um}
     {doc_ax}
     {doc_show_return_fig}
+    {doc_save}
 
     Returns
     -------
@@ -307,7 +325,8 @@ def attention(
     fig, axes = U.make_axes(1, ax=ax, ncols=1)
     axis = axes[0]
     U.draw_image(axis, image)
-    U.style_spatial_axes(axis, bbox, f"{gene} attention over {spot} ({len(shares)} cells)")
+    title = f"{gene} attention over {spot} ({len(shares)} cells)"
+    U.style_spatial_axes(axis, bbox, U.titled(title, U.slide_name(sdata, cells_table)))
     fallback_r = (3.0 / mpp) if mpp else radius / 15
     if len(others):
         rest = (
@@ -342,7 +361,7 @@ def attention(
     axis.add_collection(disc)
     fig.colorbar(cells_coll, ax=axis, shrink=0.8, label=f"share of predicted {gene}")
     U.add_scale_bar(axis, mpp, scale_bar_um)
-    return U.finish(fig, axes, show=show, return_fig=return_fig)
+    return U.finish(fig, axes, show=show, return_fig=return_fig, save=save)
 
 
 def _spot_circle(sdata, spots_key: str, spot: str, cells_table, member_ids) -> tuple[np.ndarray, float]:
@@ -372,6 +391,7 @@ def history(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ):
     """Training and validation loss per epoch, with the best validation epoch marked.
 
@@ -384,6 +404,7 @@ def history(
         Logarithmic loss axis.
     {doc_ax}
     {doc_show_return_fig}
+    {doc_save}
 
     Returns
     -------
@@ -416,4 +437,4 @@ def history(
     axis.set_ylabel("loss")
     axis.set_title("Training history")
     axis.legend(frameon=False)
-    return U.finish(fig, axes, show=show, return_fig=return_fig)
+    return U.finish(fig, axes, show=show, return_fig=return_fig, save=save)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ def spatial(
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ):
     """Gene maps of spots, one panel per gene × layer (observed next to predicted), over the H&E.
 
@@ -46,6 +48,11 @@ def spatial(
     ``.uns[layer]`` (predictions, e.g. ``"bitro"``) are already log1p; any other layer (e.g.
     ``"counts"``) is treated as raw counts and log1p-transformed. When the prediction layer was
     made on the ``library_size`` scale, observed counts are rescaled to the same library size.
+
+    Spots without a value are grey, and a legend entry under the panel says why ("no
+    prediction (no cells)": the spot holds no segmented cell; "gene not predicted": the model
+    does not predict the gene). Titles name the slide (``sample_id`` of
+    :func:`bitro.io.get_scale`) when it is recorded; the scale bar hangs under the panel.
 
     Parameters
     ----------
@@ -75,6 +82,7 @@ def spatial(
     {doc_scale_bar_um}
     {doc_ax_panels}
     {doc_show_return_fig}
+    {doc_save}
 
     Returns
     -------
@@ -98,6 +106,7 @@ def spatial(
     radius = _spot_radius(sdata, table_key, adata, xy) * (1.0 if size is None else float(size))
     bbox = U.padded_bbox(xy, float(np.max(radius)) * 1.5)
     mpp = U.resolve_mpp(data, adata, mpp)
+    slide = U.slide_name(data, adata)
     image = U.load_image(sdata, image_key, bbox)
     fig, axes = U.make_axes(len(genes) * len(layers), ax=ax, ncols=ncols or len(layers))
     cm = U.colormap(cmap)
@@ -117,10 +126,13 @@ def spatial(
             discs.set_clim(lo, hi)
             axis.add_collection(discs)
             name = _LAYER_TITLES.get(layer, layer or "X")
-            U.style_spatial_axes(axis, bbox, f"{gene} · {name}" + (f" ({layer})" if layer else ""))
+            title = f"{gene} · {name}" + (f" ({layer})" if layer else "")
+            U.style_spatial_axes(axis, bbox, U.titled(title, slide))
             fig.colorbar(discs, ax=axis, shrink=0.8, label="log1p expression")
             U.add_scale_bar(axis, mpp, scale_bar_um)
-    return U.finish(fig, axes, show=show, return_fig=return_fig)
+            if not np.isfinite(vals).all():
+                U.add_missing_legend(axis, U.missing_label(adata, layer, vals, unit="no cells"), alpha)
+    return U.finish(fig, axes, show=show, return_fig=return_fig, save=save)
 
 
 def _spot_radius(sdata, table_key: str, adata, xy: np.ndarray) -> np.ndarray:

@@ -8,7 +8,10 @@ level (or strided) get an ``extent`` in level-0 pixels so overlays line up.
 from __future__ import annotations
 
 import difflib
+import os
+import zlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,6 +73,31 @@ def resolve_mpp(data: sd.SpatialData | ad.AnnData, adata: ad.AnnData | None = No
             continue
     logger.info("No µm-per-pixel scale recorded; drawing without a scale bar (pass mpp= or bt.io.set_scale).")
     return None
+
+
+def slide_name(data: sd.SpatialData | ad.AnnData, adata: ad.AnnData | None = None) -> str | None:
+    """The slide's name: ``sample_id`` of its recorded scale, else the only value of ``obs["sample_id"]``."""
+    from bitro.io._build import get_scale
+
+    for obj in (data, adata):
+        if obj is None:
+            continue
+        try:
+            name = get_scale(obj).get("sample_id")
+        except ValueError:
+            continue
+        if name:
+            return str(name)
+    if adata is not None and "sample_id" in adata.obs:
+        values = adata.obs["sample_id"].dropna().unique()
+        if len(values) == 1:
+            return str(values[0])
+    return None
+
+
+def titled(title: str, slide: str | None) -> str:
+    """``title`` prefixed with the slide name (``"C2 · ERBB2 · observed"``)."""
+    return title if not slide else f"{slide} · {title}"
 
 
 def close_matches_error(name: str, options: Sequence[str], *, what: str, hint: str = "") -> KeyError:
@@ -196,11 +224,20 @@ def make_axes(
     return fig, flat[:n_panels]
 
 
-def finish(fig: Figure, axes: list[Axes], *, show: bool | None, return_fig: bool):
-    """Return by scanpy's convention: the Figure if ``return_fig``, else the Axes unless shown."""
+def finish(
+    fig: Figure,
+    axes: list[Axes],
+    *,
+    show: bool | None,
+    return_fig: bool,
+    save: str | os.PathLike | None = None,
+):
+    """Save the figure if asked, then return by scanpy's convention: the Figure if ``return_fig``, else the Axes unless shown."""
     import matplotlib
     import matplotlib.pyplot as plt
 
+    if save is not None:
+        save_figure(fig, save)
     if return_fig:
         return fig
     if show is None:
@@ -209,6 +246,71 @@ def finish(fig: Figure, axes: list[Axes], *, show: bool | None, return_fig: bool
         plt.show()
         return None
     return axes[0] if len(axes) == 1 else axes
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: float | None = None) -> Path:
+    """Write ``fig`` to ``path`` at ``dpi`` (default ``bt.settings.savefig_dpi``) with a tight bounding box.
+
+    An existing file is replaced only when it is a figure matplotlib wrote (its header or trailer
+    names matplotlib; for JPEG, GIF, TIFF and WebP, which carry no writer name: an image of that
+    format); any other file is refused, so a user's notes or data are never overwritten.
+    """
+    from bitro._settings import settings
+
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    formats = set(fig.canvas.get_supported_filetypes())
+    if suffix not in formats:
+        msg = (
+            f"save={str(path)!r}: the file name needs a figure suffix ({', '.join(sorted(formats))}), "
+            f"got {path.suffix or 'none'!r}; e.g. save='figure.png'."
+        )
+        raise ValueError(msg)
+    if path.is_dir():
+        msg = f"save={str(path)!r} is a folder; pass a file name such as {str(path / 'figure.png')!r}."
+        raise IsADirectoryError(msg)
+    if path.exists() and not _written_by_matplotlib(path):
+        msg = (
+            f"save={str(path)!r} exists and is not a figure matplotlib wrote; bitro replaces only figures. "
+            "Choose another file name or move the file away."
+        )
+        raise FileExistsError(msg)
+    if path.exists():
+        logger.info("Replacing the figure %s.", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=settings.savefig_dpi if dpi is None else dpi, bbox_inches="tight")
+    return path
+
+
+_PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "gif": "GIF", "tif": "TIFF", "tiff": "TIFF", "webp": "WEBP"}
+"""Raster formats matplotlib writes through Pillow without naming itself, by suffix → Pillow format."""
+
+
+def _written_by_matplotlib(path: Path, span: int = 65536) -> bool:
+    """Whether ``path`` is a figure an earlier ``save=`` may have written.
+
+    Its first or last ``span`` bytes name matplotlib (PNG, SVG, PDF, PS metadata), or — for formats
+    that carry no writer name (JPEG, GIF, TIFF, WebP) — it is an image of the format its suffix says.
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(span)
+            fh.seek(max(0, path.stat().st_size - span))
+            tail = fh.read(span)
+    except OSError:
+        return False
+    if b"matplotlib" in head.lower() or b"matplotlib" in tail.lower():
+        return True
+    expected = _PIL_FORMATS.get(path.suffix.lower().lstrip("."))
+    if expected is None:
+        return False
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == expected
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 def style_spatial_axes(ax: Axes, bbox: BBox, title: str | None = None) -> None:
@@ -386,10 +488,83 @@ def _parse_percentile(value: str) -> float:
     return pct
 
 
+CLUSTER_PALETTES = ("tab10", "tab20")
+"""Default palettes of clusterings (keys such as ``leiden``, ``cluster``, ``phenotype``), by size."""
+LABEL_PALETTES = ("Set2", "Dark2", "Set1", "Accent", "Paired", "Set3")
+"""Default palettes of other categorical keys (annotations, true types); the key picks one that fits."""
+MANY_LABELS_PALETTE = "tab20b"
+"""Default palette of a non-clustering key with 13–20 categories (its hues interleaved)."""
+_INTERLEAVED = ("tab20b", "tab20c")
+"""Palettes of 5 hues × 4 shades: colours are taken hue by hue, so neighbouring categories differ in hue."""
+CLUSTER_WORDS = ("leiden", "louvain", "cluster", "kmeans", "phenotype")
+"""A key containing one of these words is a clustering."""
+CELLVIT_COLORS = {
+    "neoplastic": "#ff0000",
+    "inflammatory": "#22dd4d",
+    "connective": "#235cec",
+    "dead": "#feff00",
+    "epithelial": "#ff9f44",
+}
+"""CellViT's class colours (PanNuke classes), used when the categories are CellViT class names."""
+UNKNOWN_COLOR = "#9e9e9e"
+"""Colour of an ``"unknown"`` category next to CellViT classes."""
+
+
+def _palette_size(name: str) -> int:
+    import matplotlib as mpl
+
+    return int(getattr(mpl.colormaps[name], "N", 256))
+
+
+def default_palette(key: str | None, n_categories: int, avoid: Sequence[str] = ()) -> str:
+    """The default palette name of the categorical ``key``.
+
+    Clusterings (a key containing one of :data:`CLUSTER_WORDS`) get tab10 (tab20 above 10
+    categories), as in scanpy; any other key gets one of :data:`LABEL_PALETTES`, chosen by a
+    checksum of the key, so clusters and true types shown side by side get different palettes.
+    Palettes in ``avoid`` (already used in the same figure) are skipped while another fits.
+    A non-clustering key with 13–20 categories gets :data:`MANY_LABELS_PALETTE`; above 20
+    categories: ``"gist_ncar"``.
+    """
+    name = "" if key is None else str(key).lower()
+    if any(word in name for word in CLUSTER_WORDS):
+        candidates = [p for p in CLUSTER_PALETTES if _palette_size(p) >= n_categories]
+    else:
+        fitting = [p for p in LABEL_PALETTES if _palette_size(p) >= n_categories]
+        start = zlib.crc32(name.encode()) % max(len(fitting), 1)
+        candidates = fitting[start:] + fitting[:start]
+        if not candidates and n_categories <= _palette_size(MANY_LABELS_PALETTE):
+            candidates = [MANY_LABELS_PALETTE]
+    fresh = [p for p in candidates if p not in avoid]
+    if fresh or candidates:
+        return (fresh or candidates)[0]
+    return "gist_ncar"
+
+
+def cellvit_colors(categories: Sequence[str]) -> dict[str, str] | None:
+    """CellViT's colours when every category is a CellViT class (or ``"unknown"``), else ``None``."""
+    cats = [str(c) for c in categories]
+    known = [c for c in cats if c.lower() in CELLVIT_COLORS]
+    if not known or any(c.lower() not in CELLVIT_COLORS and c.lower() != "unknown" for c in cats):
+        return None
+    return {c: CELLVIT_COLORS.get(c.lower(), UNKNOWN_COLOR) for c in cats}
+
+
 def category_colors(
-    categories: Sequence[str], palette: Any = None, stored: Sequence[str] | None = None
+    categories: Sequence[str],
+    palette: Any = None,
+    stored: Sequence[str] | None = None,
+    *,
+    key: str | None = None,
+    avoid: Sequence[str] = (),
 ) -> dict:
-    """Colour per category: ``palette`` (name, list or dict), else scanpy's ``uns[f"{key}_colors"]``, else tab10/tab20."""
+    """Colour per category.
+
+    In order of precedence: ``palette`` (a colour-map name, a list or a dict category → colour);
+    scanpy's ``uns[f"{key}_colors"]`` (``stored``); CellViT's class colours when the categories
+    are CellViT classes; the default palette of ``key`` (:func:`default_palette`, skipping the
+    palettes in ``avoid``).
+    """
     import matplotlib as mpl
     from matplotlib.colors import to_hex
 
@@ -403,12 +578,22 @@ def category_colors(
     if palette is None and stored is not None and len(stored) >= len(cats):
         return {c: to_hex(col) for c, col in zip(cats, stored)}
     if palette is None:
-        palette = "tab10" if len(cats) <= 10 else "tab20" if len(cats) <= 20 else "gist_ncar"
+        cellvit = cellvit_colors(cats)
+        if cellvit is not None:
+            return cellvit
+        palette = default_palette(key, len(cats), avoid)
     if isinstance(palette, str):
+        if palette not in mpl.colormaps:
+            raise close_matches_error(
+                palette, list(mpl.colormaps), what="palette", hint="Pass a colour-map name, a list or a dict."
+            )
         cm = mpl.colormaps[palette]
         n = getattr(cm, "N", 256)
         if n < 256 and len(cats) <= n:  # listed colormap: take its colours in order
-            colors = [cm(i) for i in range(len(cats))]
+            order = range(n)
+            if palette in _INTERLEAVED:
+                order = np.arange(n).reshape(-1, 4).T.ravel().tolist()
+            colors = [cm(i) for i in list(order)[: len(cats)]]
         else:
             colors = [cm(x) for x in np.linspace(0.05, 0.95, len(cats))]
     else:
@@ -419,7 +604,61 @@ def category_colors(
     return {c: to_hex(col) for c, col in zip(cats, colors)}
 
 
+def missing_label(adata: ad.AnnData, layer: str | None, values: np.ndarray, *, unit: str) -> str:
+    """Legend text of the grey shapes without a value: why a prediction or a value is missing."""
+    if not is_prediction_layer(adata, layer):
+        return "no value (NaN)"
+    if not np.isfinite(values).any():
+        return "no prediction (gene not predicted)"
+    return f"no prediction ({unit})"
+
+
+def add_missing_legend(ax: Axes, label: str, alpha: float = 1.0) -> None:
+    """A legend entry for the grey (NaN) shapes, under the lower-left corner of the panel (outside the data).
+
+    When the panel has a scale bar (:func:`add_scale_bar`, called first), the entry goes one row
+    lower, under the bar, so the two never collide however wide the label is.
+    """
+    from matplotlib.legend import Legend
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import ScaledTranslation
+
+    below = SCALE_BAR_HEIGHT_PT if any(a.get_gid() == "scale_bar" for a in ax.artists) else 0.0
+    anchor = ax.transAxes + ScaledTranslation(0.0, -below / 72.0, ax.figure.dpi_scale_trans)
+
+    handle = Line2D(
+        [],
+        [],
+        marker="o",
+        linestyle="",
+        markersize=7,
+        markerfacecolor=NAN_COLOR,
+        markeredgecolor="none",
+        alpha=alpha,
+    )
+    legend = Legend(
+        ax,
+        [handle],
+        [label],
+        loc="upper left",
+        bbox_to_anchor=(0.0, 0.0),
+        bbox_transform=anchor,
+        frameon=False,
+        fontsize="small",
+        borderaxespad=0.2,
+        handletextpad=0.2,
+        borderpad=0.1,
+    )
+    legend.set_gid("missing_legend")
+    ax.add_artist(legend)
+    legend.set_clip_on(False)  # add_artist clips to the axes, which would also drop it from the layout
+
+
 # ---------------------------------------------------------------------------- scale bar
+SCALE_BAR_HEIGHT_PT = 22.0
+"""Room (points) the scale bar takes under a panel: its label, gap, bar and padding, with a margin."""
+
+
 def nice_length(span_um: float) -> float:
     """A round length (1, 2 or 5 × 10^k µm) of about a fifth of ``span_um``."""
     target = max(span_um / 5.0, 1e-9)
@@ -431,7 +670,12 @@ def nice_length(span_um: float) -> float:
 
 
 def add_scale_bar(ax: Axes, mpp: float | None, length_um: float | str | None) -> None:
-    """Draw a µm scale bar in the lower right (``"auto"``: a round fifth of the view; ``None``: none)."""
+    """Draw a µm scale bar under the lower-right corner of the panel, outside the data.
+
+    ``length_um``: a length in µm, ``"auto"`` (a round fifth of the view) or ``None`` (no bar).
+    The bar hangs below the axes, so it never covers a spot or a cell; constrained layout
+    (the default of new bt.pl figures) and ``bbox_inches="tight"`` make room for it.
+    """
     if mpp is None or length_um is None:
         return
     from matplotlib.font_manager import FontProperties
@@ -455,15 +699,16 @@ def add_scale_bar(ax: Axes, mpp: float | None, length_um: float | str | None) ->
         ax.transData,
         length_um / mpp,
         label,
-        loc="lower right",
-        pad=0.3,
-        borderpad=0.4,
+        loc="upper right",
+        bbox_to_anchor=(1.0, 0.0),
+        bbox_transform=ax.transAxes,
+        pad=0.1,
+        borderpad=0.2,
         sep=2,
-        frameon=True,
+        frameon=False,
         size_vertical=abs(x1 - x0) / 150,
         color="black",
         fontproperties=FontProperties(size="small"),
     )
-    bar.patch.set_alpha(0.6)
-    bar.patch.set_edgecolor("none")
+    bar.set_gid("scale_bar")
     ax.add_artist(bar)

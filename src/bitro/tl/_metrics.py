@@ -103,12 +103,6 @@ def _select(
         raise ValueError(msg)
     has_pred = np.isfinite(pred).any(axis=0)
     no_pred = [str(g) for g in var_names[~has_pred]]
-    if no_pred:
-        logger.info(
-            "evaluate: %d of %d genes have no prediction (NaN) and are not scored.",
-            len(no_pred),
-            len(has_pred),
-        )
     scored = has_pred.copy()
     if genes is not None:
         genes = [str(g) for g in genes]
@@ -146,6 +140,17 @@ def _select(
     if info["n_units_without_prediction"]:
         logger.info("evaluate: %d units without prediction (e.g. no cells) are not scored.", (~rows).sum())
     return has_pred, scored, rows, info
+
+
+def _log_scored_genes(
+    n_scored: int, no_pred: list[str], n_table: int, layer: str, genes: list[str] | None
+) -> None:
+    """One line saying which genes were scored and how many of the table have no prediction."""
+    which = "of genes=" if genes is not None else "with a prediction"
+    msg = f"evaluate: scored the {n_scored} genes {which} in layer {layer!r}"
+    if no_pred:
+        msg += f"; {len(no_pred)} of the table's {n_table} genes have no prediction (not in the model)"
+    logger.info("%s.", msg)
 
 
 def _score_scale(
@@ -216,6 +221,7 @@ def _evaluate_table(
         raise ValueError(msg)
 
     has_pred, scored, rows, info = _select(obs, pred, adata.var_names, genes)
+    _log_scored_genes(int(scored.sum()), info["genes_without_prediction"], adata.n_vars, layer, genes)
     o_all, p_all = obs[rows][:, has_pred], pred[rows][:, has_pred]
     # library sizes are taken over the genes that have predictions, for observation and prediction alike
     lib_obs = o_all.sum(axis=1)

@@ -1,0 +1,1 @@
+bt.pl.cells(sdata, color=[gene, "phenotype"], crop=window)

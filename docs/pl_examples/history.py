@@ -1,0 +1,1 @@
+bt.pl.history(model)

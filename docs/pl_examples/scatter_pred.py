@@ -1,0 +1,1 @@
+bt.pl.scatter_pred(sdata, gene=gene)

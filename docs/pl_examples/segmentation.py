@@ -1,0 +1,1 @@
+bt.pl.segmentation(sdata, image_key="he_normalized", crop=window)

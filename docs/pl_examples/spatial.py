@@ -1,0 +1,1 @@
+bt.pl.spatial(sdata, genes=best, scale_bar_um="auto")
