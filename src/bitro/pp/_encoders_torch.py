@@ -9,6 +9,7 @@ nucleus. Nothing here downloads weights.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +294,14 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no pickled code
+    except pickle.UnpicklingError as err:
+        msg = (
+            f"{str(path)!r} holds pickled objects besides tensors, which bitro never loads (they can run "
+            "code). Save the plain state dict (torch.save(model.state_dict(), ...)) or use safetensors."
+        )
+        raise ValueError(msg) from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state
