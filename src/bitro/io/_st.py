@@ -148,6 +148,9 @@ def read_spot_table(path: str | Path, *, only_selected: bool = True) -> pd.DataF
     if missing:
         msg = f"Spot table {str(path)!r} lacks columns {sorted(missing)}; expected x, y, pixel_x, pixel_y."
         raise ValueError(msg)
+    if spot_df.empty:
+        msg = f"Spot table {str(path)!r} has no rows; it needs one row per spot (x, y, pixel_x, pixel_y)."
+        raise ValueError(msg)
     for col in ("x", "y", "pixel_x", "pixel_y", *(["selected"] if "selected" in spot_df else [])):
         if not pd.api.types.is_numeric_dtype(spot_df[col]) or pd.api.types.is_bool_dtype(spot_df[col]):
             msg = f"Spot table {str(path)!r}: column {col!r} is not numeric ({spot_df[col].dtype}); fix the table."
