@@ -236,3 +236,9 @@ def test_a_state_dict_with_pickled_objects_is_refused(tmp_path, monkeypatch):
     _tiny_dinov2(32).config.to_json_file(tmp_path / "config.json")
     with pytest.raises(ValueError, match="pickled objects besides tensors, which bitro never loads"):
         get_encoder(f"vit:{tmp_path / 'weights.pt'}")  # a RuntimeError would mean the pickle ran
+    folder = tmp_path / "folder"  # the same in a transformers folder (pytorch_model.bin)
+    _tiny_dinov2(32).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    (tmp_path / "weights.pt").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled objects besides tensors, which bitro never loads"):
+        get_encoder(f"dinov2:{folder}")
