@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -471,3 +472,61 @@ def test_a_missing_input_fails_before_the_heavy_imports():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["2", "False", "False"]
     assert "MODEL_DIR '/nonexistent/model' not found" in done.stderr
+
+def test_preprocess_checks_names_and_the_out_folder_before_any_work(
+    synthetic_zarr, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from bitro.pp import _scratch
+
+    reads = []
+    real = C.read_sdata
+    monkeypatch.setattr(C, "read_sdata", lambda p: reads.append(p) or real(p))
+    args = ["preprocess", str(synthetic_zarr), "--reader", "zarr", "--out", str(tmp_path / "o" / "pp.zarr")]
+    cases = [
+        (["--segment", "cellpose2"], "Unknown segmentation method 'cellpose2'"),
+        (["--encoder", "resnet9000"], "Unknown encoder 'resnet9000'"),
+        (["--encoder", str(tmp_path / "weights.pt")], "Encoder checkpoint '.*weights.pt' does not exist"),
+    ]
+    for extra, match in cases:
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+        assert re.search(match, err), err
+
+    def denied(path, data):  # tests may run as root, where chmod does not deny
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(_scratch, "_write_bytes", denied)
+    assert main([*args, "--encoder", "morphology"]) == 2
+    assert "Cannot write to the folder of --out" in capsys.readouterr().err
+    assert reads == []  # every refusal came before the slide was read
+
+
+def test_preprocess_a_plain_png_needs_mpp_and_then_runs(synthetic_zarr, tmp_path, capsys):
+    from PIL import Image
+
+    he = np.asarray(sd.read_zarr(synthetic_zarr).images["he"]).transpose(1, 2, 0)
+    Image.fromarray(he).save(tmp_path / "he.png")
+    args = ["preprocess", str(tmp_path / "he.png"), "--out", str(tmp_path / "he.zarr")]
+    args += ["--encoder", "morphology", "--stain", "none", "--patches"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "plain PNG image" in err and "--mpp" in err and "corrupt" not in err
+    assert main([*args, "--mpp", "0.5"]) == 0
+    sdata = bitro.io.read_zarr(tmp_path / "he.zarr")  # written with its integrity record
+    assert sdata.tables["cells"].n_obs > 0 and "patches" in sdata.tables
+    np.testing.assert_array_equal(np.asarray(sdata.images["he"]).transpose(1, 2, 0), he)
+
+
+def test_predict_inplace_keeps_the_integrity_record_true(toy, tmp_path, capsys):
+    data = bitro.io.write_zarr(make_toy_slide(6), tmp_path / "slide.zarr")
+    assert main(["predict", str(toy["model"]), str(data), "--inplace", "--key-added", "pred"]) == 0
+    assert "pred" in bitro.io.read_zarr(data).tables["spots"].layers  # verified: the record was updated
+    layer = data / "tables" / "spots" / "layers" / "pred"
+    next(p for p in sorted(layer.rglob("*")) if p.is_file() and p.name != "zarr.json").unlink()
+    capsys.readouterr()
+    assert main(["predict", str(toy["model"]), str(data), "--out", str(tmp_path / "o.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "tables/spots/layers/pred" in err and "is missing" in err

@@ -12,17 +12,19 @@ import argparse
 import json
 import sys
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bitro import _keys as K
-from bitro._files import OutputKind, check_replaceable
+from bitro._files import OutputKind, check_replaceable, write_replacing
 from bitro._files import remove_path as _remove
 from bitro._logging import logger
 from bitro.io._read import guess_reader as _guess_reader
 from bitro.io._read import read_sdata
+from bitro.io._zarr import INTEGRITY_FILE, update_integrity, write_store
 from bitro.tl._metrics import COLUMNS as METRIC_COLUMNS
 
 #: First line of the metrics CSV that ``bitro evaluate --out`` writes (and may replace).
@@ -58,37 +60,21 @@ def replace_path(
     it is bitro's own output of ``kind``) is only removed once the new one is complete, so it may even
     be the store the data were read from.
     """
-    path = check_output(path, overwrite=overwrite, kind=kind, header=header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    old = path.parent / f".{path.name}.old-{tag}"
-    try:
-        write(tmp)
-        if path.exists() or path.is_symlink():
-            check_output(path, overwrite=overwrite, kind=kind, header=header)  # still ours at the swap
-            path.rename(old)
-        tmp.rename(path)
-    except BaseException:
-        _remove(tmp)
-        if old.exists() and not path.exists():
-            old.rename(path)
-        raise
-    if old.exists() or old.is_symlink():
-        _remove(old)
-    return path
+    return write_replacing(write, path, kind=kind, overwrite=overwrite, flag="--overwrite", header=header)
 
 
 def write_sdata(sdata: Any, path: str | Path, *, overwrite: bool) -> Path:
-    """Write a SpatialData object to a new zarr store ``path`` (atomically, see :func:`replace_path`)."""
-    return replace_path(
-        lambda tmp: sdata.write(tmp, update_sdata_path=False), path, overwrite=overwrite, kind="zarr"
-    )
+    """Write a SpatialData object to a new zarr store ``path`` with its integrity record.
+
+    Atomic, see :func:`replace_path`; the record is :func:`bitro.io.write_zarr`'s.
+    """
+    return replace_path(lambda tmp: write_store(sdata, tmp), path, overwrite=overwrite, kind="zarr")
 
 
 def rewrite_tables(sdata: Any, names: list[str]) -> None:
     """Replace tables ``names`` in the zarr store ``sdata`` was read from, one at a time.
 
+    The store's integrity record (:func:`bitro.io.write_zarr`) is updated for the rewritten tables.
     spatialdata refuses to overwrite an element inside the store backing the object, so each old
     table folder is first moved aside (next to the store), the table is written afresh, and the old
     folder is deleted only after the write succeeded (restored if it failed).
@@ -103,7 +89,9 @@ def rewrite_tables(sdata: Any, names: list[str]) -> None:
         if folder.exists():
             folder.rename(backup)
         try:
-            sdata.write_element(name)
+            with warnings.catch_warnings():  # zarr notes that bitro's record file is not a zarr node
+                warnings.filterwarnings("ignore", message=f".*{INTEGRITY_FILE}.*not recognized")
+                sdata.write_element(name)
         except BaseException:
             if backup.exists():
                 _remove(folder)
@@ -113,6 +101,7 @@ def rewrite_tables(sdata: Any, names: list[str]) -> None:
             raise
         if backup.exists():
             _remove(backup)
+    update_integrity(store, [f"tables/{name}" for name in names])
 
 
 def read_genes(path: str | Path | None) -> list[str] | None:
@@ -320,8 +309,14 @@ def _require_spots(sdata: Any) -> None:
 
 def pipeline_options(args: argparse.Namespace) -> Any:
     """The :func:`bitro.pp.run_pipeline` steps and options that ``bitro preprocess`` asks for."""
+    from bitro.pp._encoders import check_encoder_name
     from bitro.pp._pipeline import pipeline_options as options
+    from bitro.pp._segment import _resolve_method
 
+    # a misspelt name or a missing checkpoint fails here, not after the slide was read and normalised
+    check_encoder_name(args.encoder)
+    if args.segment != "none":
+        _resolve_method(args.segment)
     steps: list[Any] = [] if args.stain == "none" else ["normalize_stains"]
     steps += ["detect_tissue", _require_cells if args.segment == "none" else "segment_cells", "embed_cells"]
     steps += {"assign": [_require_spots, "assign_cells"], "patches": ["make_patches"], None: ["bags"]}[
@@ -350,7 +345,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     jobs = make_jobs(args)
     options = pipeline_options(args)
     if not args.cohort:
+        from bitro.pp._scratch import check_writable_dir
+
         target = check_output(args.out, overwrite=args.overwrite, kind="zarr")
+        # an unwritable --out folder fails now, not after the slide was processed
+        check_writable_dir(target.parent, name="the folder of --out", holds=f"the store {target.name}")
         scratch = slide_scratch(options, jobs[0].name)
         sdata = apply_steps(jobs[0].read(), options, scratch=scratch)
         write_sdata(sdata, target, overwrite=args.overwrite)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 #: Files a saved model folder holds (``BiTroModel.save``); anything else makes it foreign.
 MODEL_FILES = frozenset({"config.json", "model.safetensors"})
@@ -128,4 +130,41 @@ def check_replaceable(
             f"even with {flag}. Move it away or choose another path."
         )
         raise FileExistsError(msg)
+    return path
+
+
+def write_replacing(
+    write: Callable[[Path], Any],
+    path: str | Path,
+    *,
+    kind: OutputKind,
+    overwrite: bool,
+    flag: str = "overwrite=True",
+    header: str | None = None,
+) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, then move the result into place.
+
+    ``path`` is first checked with :func:`check_replaceable` (and again just before the swap). An
+    interrupted or failed write never leaves a half-written ``path`` (so a resumed run does not
+    mistake it for finished work), and an existing ``path`` is only removed once the new one is
+    complete, so it may even be the store the data were read from.
+    """
+    path = check_replaceable(path, kind=kind, overwrite=overwrite, flag=flag, header=header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    old = path.parent / f".{path.name}.old-{tag}"
+    try:
+        write(tmp)
+        if path.exists() or path.is_symlink():
+            check_replaceable(path, kind=kind, overwrite=overwrite, flag=flag, header=header)  # still ours
+            path.rename(old)
+        tmp.rename(path)
+    except BaseException:
+        remove_path(tmp)
+        if old.exists() and not path.exists():
+            old.rename(path)
+        raise
+    if old.exists() or old.is_symlink():
+        remove_path(old)
     return path

@@ -66,17 +66,25 @@ def json_sha256(value: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes ("" when it is not a file); cached by path, size and mtime."""
+def file_sha256(path: str | os.PathLike[str], *, cache: bool = True) -> str:
+    """sha256 of a file's bytes ("" when it is not a file).
+
+    With ``cache`` (default) the digest is cached by path, size and modification time; integrity
+    checks pass ``cache=False`` to read the bytes every time (and not fill the cache with chunk files).
+    """
     p = Path(path)
     if not p.is_file():
         return ""
-    stat = p.stat()
-    key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_CACHE:
-        digest = hashlib.sha256()
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
+    key = None
+    if cache:
+        stat = p.stat()
+        key = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key in _FILE_CACHE:
+            return _FILE_CACHE[key]
+    digest = hashlib.sha256()
+    with p.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    if key is not None:
         _FILE_CACHE[key] = digest.hexdigest()
-    return _FILE_CACHE[key]
+    return digest.hexdigest()

@@ -164,3 +164,89 @@ def test_kit_missing_dir_error(tmp_path, monkeypatch):
     monkeypatch.setenv("BITRO_DATA_DIR", str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="BITRO_DATA_DIR"):
         bt.datasets.her2st("C2")
+
+
+@pytest.fixture
+def bitro_log(caplog):
+    import logging
+
+    logger = logging.getLogger("bitro")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="bitro")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_read_st_scales_a_16_bit_tiff(tmp_path, rng):
+    import tifffile
+
+    counts_path, spots_path, *_ = _write_st(tmp_path, rng)
+    img = rng.integers(0, 65536, size=(900, 900, 3), dtype=np.uint16)
+    img[0, 0] = 65535
+    tifffile.imwrite(tmp_path / "he16.tif", img)
+    sdata = bt.io.read_st(counts_path, spots_path, tmp_path / "he16.tif")
+    he = np.asarray(sdata.images["he"].data).transpose(1, 2, 0)
+    assert he.dtype == np.uint8 and 100 < he.mean() < 155  # was clipped to white (mean 255)
+    np.testing.assert_array_equal(he, np.rint(img.astype(np.float64) * 255 / 65535).astype(np.uint8))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="is a folder; pass the path of the image file"):
+        bt.io.read_st(counts_path, spots_path, tmp_path / "folder")
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (np.inf, r"1 infinite counts \(e.g. inf for spot '2x3', gene 'B'\)"),
+        (2.5, r"1 fractional counts \(e.g. 2.5 for spot '2x3', gene 'B'\).*non-negative integers.*np.rint"),
+        (-1, "1 negative counts"),
+        (np.nan, "1 NaN counts"),
+    ],
+)
+def test_counts_must_be_non_negative_integers(tmp_path, rng, value, match):
+    _, spots_path, img_path, counts, _spots = _write_st(tmp_path, rng)
+    bad = counts.astype(float)
+    bad.loc["2x3", "B"] = value
+    bad.to_csv(tmp_path / "bad.tsv", sep="\t")
+    with pytest.raises(ValueError, match=match):
+        bt.io.read_st(tmp_path / "bad.tsv", spots_path, img_path)
+    counts.astype(float).to_csv(tmp_path / "float.tsv", sep="\t")  # whole numbers written as 3.0 are fine
+    assert bt.io.read_st(tmp_path / "float.tsv", spots_path, img_path)["spots"].n_obs == 34
+
+
+def test_a_repeated_spot_row_is_an_error_naming_its_lines(tmp_path, rng):
+    counts_path, _, img_path, _, spots = _write_st(tmp_path, rng)
+    twice = pd.concat([spots, spots.iloc[[5]].assign(pixel_x=999.0)], ignore_index=True)
+    twice.to_csv(tmp_path / "twice.tsv", sep="\t", index=False)
+    with pytest.raises(
+        ValueError, match=r"1 array positions appear on several rows \('7x3' on lines \[7, 38\]\)"
+    ):
+        bt.io.read_st(counts_path, tmp_path / "twice.tsv", img_path)
+    frac = spots.astype({"x": float})
+    frac.loc[4, "x"] = 2.5
+    frac.to_csv(tmp_path / "frac.tsv", sep="\t", index=False)
+    with pytest.raises(ValueError, match=r"not integers .*lines 6"):
+        bt.io.read_st(counts_path, tmp_path / "frac.tsv", img_path)
+
+
+@pytest.mark.parametrize("mpp", [None, 1.5])
+def test_nan_spot_coordinates_are_an_error_also_with_mpp(tmp_path, rng, mpp):
+    counts_path, _, img_path, _, spots = _write_st(tmp_path, rng)
+    spots.loc[3, "pixel_y"] = np.nan  # spot '5x3'
+    spots.to_csv(tmp_path / "nan.tsv", sep="\t", index=False)
+    with pytest.raises(ValueError, match=r"1 of 34 spots have no valid pixel position.*'5x3'"):
+        bt.io.read_st(counts_path, tmp_path / "nan.tsv", img_path, mpp=mpp)
+    with pytest.raises(ValueError, match=r"'5x3'"):  # also without an image
+        bt.io.read_st(counts_path, tmp_path / "nan.tsv", mpp=mpp)
+    with pytest.raises(ValueError, match="mpp must be a positive number, got 0"):
+        bt.io.read_st(counts_path, tmp_path / "nan.tsv", mpp=0)
+
+
+def test_spots_that_do_not_join_are_dropped_with_a_warning(tmp_path, rng, bitro_log):
+    counts_path, spots_path, img_path, *_ = _write_st(tmp_path, rng)
+    sdata = bt.io.read_st(counts_path, spots_path, img_path, sample_id="S")
+    assert sdata["spots"].n_obs == 34
+    warnings = [r for r in bitro_log.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "S: 1 selected spots without a count row were dropped ('7x8')" in text
+    assert "1 count rows without a selected spot were dropped ('2x3')" in text

@@ -127,6 +127,27 @@ def test_missing_cells_table_says_run_segment_cells(small_sdata):
         bt.pp.embed_cells(small_sdata, encoder=mean_rgb)
 
 
+def test_an_empty_cells_table_says_segmentation_found_nothing():
+    """After segment_cells found no nuclei, embed_cells explains that instead of asking to run it."""
+    import spatialdata as sd
+
+    from bitro.io._build import image_element, set_scale
+
+    blank = sd.SpatialData(
+        images={"he": image_element(np.full((200, 200, 3), 240, np.uint8), dims=("y", "x", "c"))}
+    )
+    set_scale(blank, mpp=0.5)
+    bt.pp.segment_cells(blank)
+    assert blank["cells"].n_obs == 0
+    for encoder in ("morphology", mean_rgb):
+        with pytest.raises(
+            ValueError,
+            match=r"'cells' has 0 cells: bt.pp.segment_cells \(method 'watershed'\) found no cells",
+        ) as err:
+            bt.pp.embed_cells(blank, encoder=encoder, mode="crop")
+        assert "run it first" not in str(err.value) and "µm per pixel" in str(err.value)
+
+
 def test_unknown_encoder_lists_registered(small_sdata):
     with pytest.raises(ValueError, match="efficientnet_lite0"):
         bt.pp.embed_cells(small_sdata, encoder="resnet9000")

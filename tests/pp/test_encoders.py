@@ -204,3 +204,41 @@ def test_vit_folder_with_wrong_config_raises(vit_folder):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="missing_keys"):
         get_encoder(f"dinov2:{folder}")
+
+
+def test_a_missing_checkpoint_file_is_not_called_an_unknown_name(tmp_path):
+    from bitro.pp._encoders import check_encoder_name
+
+    for spec in (str(tmp_path / "weights.pt"), "models/uni", "uni.safetensors", f"vit:{tmp_path / 'nope'}"):
+        with pytest.raises(FileNotFoundError, match="does not exist") as err:
+            get_encoder(spec)
+        assert "Unknown encoder" not in str(err.value)
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            check_encoder_name(spec)  # the same answer without loading anything
+    with pytest.raises(ValueError, match="Unknown encoder 'resnet9000'"):
+        check_encoder_name("resnet9000")
+    check_encoder_name("morphology")  # registered names and objects pass
+    check_encoder_name(lambda crops: crops)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (RuntimeError, ("this pickle ran code",))
+
+
+def test_a_state_dict_with_pickled_objects_is_refused(tmp_path, monkeypatch):
+    """Encoder weights load as tensors only (torch.load(weights_only=True)); a pickle never runs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    state = dict(_tiny_dinov2(32).state_dict())
+    state["extra"] = _RunsCode()
+    torch.save(state, tmp_path / "weights.pt")
+    assert b"this pickle ran code" in (tmp_path / "weights.pt").read_bytes()
+    _tiny_dinov2(32).config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="pickled objects besides tensors, which bitro never loads"):
+        get_encoder(f"vit:{tmp_path / 'weights.pt'}")  # a RuntimeError would mean the pickle ran
+    folder = tmp_path / "folder"  # the same in a transformers folder (pytorch_model.bin)
+    _tiny_dinov2(32).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    (tmp_path / "weights.pt").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled objects besides tensors, which bitro never loads"):
+        get_encoder(f"dinov2:{folder}")

@@ -375,3 +375,23 @@ def test_one_busy_worker_does_not_deadlock(slides, reference, tmp_path):
         report = future.result(timeout=300)
     assert (report["status"] == "done").all()
     _same_cells(tmp_path / "out" / "s0.zarr", ref / "s0.zarr")
+
+
+def test_outputs_carry_an_integrity_record_that_reading_checks(reference, tmp_path):
+    """A chunk of ``cells.obsm["X_bitro"]`` deleted after the run is an error, not zeros."""
+    out, _ = reference
+    store = tmp_path / "s0.zarr"
+    shutil.copytree(out / "s0.zarr", store)
+    assert (store / "bitro_integrity.json").is_file()
+    assert bt.io.read_zarr(store)["cells"].obsm["X_bitro"].any()
+    chunk = next(
+        p
+        for p in sorted((store / "tables/cells/obsm/X_bitro").rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    )
+    chunk.unlink()
+    with pytest.raises(ValueError, match=r"of array 'tables/cells/obsm/X_bitro' is missing"):
+        bt.io.read_zarr(store)
+    # a cohort run that reads the damaged store as its input refuses it too
+    report = bt.pp.run_pipeline([store], out=tmp_path / "again", steps=[lambda sdata: None], client=False)
+    assert report["status"].tolist() == ["failed"] and "X_bitro" in report["error"][0]

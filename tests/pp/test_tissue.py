@@ -178,3 +178,14 @@ def test_her2st_section_hematoxylin_rich_tissue_is_kept(data_dir):
     # measured 0.167 at full resolution (one section on a mostly empty slide)
     assert 0.12 < with_pen < 0.22
     assert abs(with_pen - without) < 0.01
+
+
+def test_an_image_smaller_than_one_mask_pixel_is_refused_up_front():
+    sdata = sdata_of(half_tissue(5, 5), mpp=0.5)
+    with pytest.raises(
+        ValueError, match=r"Image 'he' \(5 × 5 px, 2.5 × 2.5 µm\) is smaller than one pixel"
+    ) as err:
+        bt.pp.detect_tissue(sdata)  # 8 µm mask pixels = 16 image pixels
+    assert "target_mpp" in str(err.value)
+    bt.pp.detect_tissue(sdata, target_mpp=0.5)  # the fix the message names works
+    assert sdata.labels["tissue"].shape == (5, 5)

@@ -8,6 +8,8 @@ _EXPORTS = {
     "read_visium": "._visium",
     "read_xenium": "._xenium",
     "read_wsi": "._wsi",
+    "read_zarr": "._zarr",
+    "write_zarr": "._zarr",
     "read_cell_segmentation": "._cells",
     "set_scale": "._build",
     "get_scale": "._build",

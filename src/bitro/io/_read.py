@@ -31,18 +31,10 @@ def guess_reader(path: str | Path, *, option: str = "reader=") -> str:
 
 
 def read_sdata(path: str | Path) -> Any:
-    """Read a SpatialData zarr store, with a clear error for missing or unreadable stores."""
-    import spatialdata as sd
+    """Read a stored slide with its integrity checked (:func:`bitro.io.read_zarr`), clear errors on failure."""
+    from bitro.io._zarr import read_zarr
 
-    path = Path(path)
-    if not path.exists():
-        msg = f"{str(path)!r} not found; give the path of a SpatialData zarr store (e.g. written by `bitro preprocess`)."
-        raise FileNotFoundError(msg)
-    try:
-        return sd.read_zarr(path)
-    except Exception as err:
-        msg = f"{str(path)!r} is not a readable SpatialData zarr store ({type(err).__name__}: {err})."
-        raise ValueError(msg) from err
+    return read_zarr(path)
 
 
 def read_path(path: str | Path, *, reader: str | None = None) -> Any:

@@ -12,6 +12,7 @@ import pandas as pd
 from bitro import _keys as K
 from bitro._logging import logger
 from bitro.io._build import image_element, set_scale
+from bitro.io._image import PLAIN_SUFFIXES, read_image_file, to_uint8, uint8_factor
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -64,7 +65,26 @@ def _open_levels(path: Path) -> tuple[list[Any], float | None]:
         store = tifffile.imread(path, aszarr=True, series=0, level=level)
         arr = da.from_zarr(zarr.open(store, mode="r"))
         levels.append(arr[..., :3])
+    if levels[0].dtype != np.uint8:  # e.g. 16-bit scans: one rule for all levels, from the smallest
+        factor = uint8_factor(levels[-1].compute(), source=f"Slide {path.name!r}")
+        levels = [to_uint8(arr, factor) for arr in levels]
     return levels, mpp
+
+
+def _check_slide_path(path: Path) -> None:
+    """Refuse a missing path, or a folder, with what to pass instead."""
+    if path.is_dir():
+        if any((path / f).exists() for f in ("zarr.json", ".zgroup")):
+            hint = "it is a zarr store: read it with bt.io.read_zarr"
+        elif (path / "spatial").is_dir():
+            hint = "it looks like a Space Ranger folder: read it with bt.io.read_visium"
+        else:
+            hint = "pass the slide file inside it (e.g. .svs, .tif, .ndpi) instead"
+        msg = f"Slide {str(path)!r} is a folder, not a whole-slide image file; {hint}."
+        raise ValueError(msg)
+    if not path.is_file():
+        msg = f"Slide file {str(path)!r} does not exist."
+        raise FileNotFoundError(msg)
 
 
 def _multiscale(levels: list[Any], chunks: int):
@@ -135,15 +155,20 @@ def read_wsi(
 ) -> sd.SpatialData:
     """Open a whole slide (SVS / pyramidal TIFF) lazily as a multiscale image ``"he"``.
 
+    Slides stored with more than 8 bits per channel (or as floats) are converted to 8-bit RGB by the
+    rule of :mod:`bitro.io._image` (16-bit by the bit depth their values use, decided from the
+    smallest pyramid level), lazily, with a logged warning.
+
     Parameters
     ----------
     path
-        Slide file. Pixels are read lazily through tifffile + dask; nothing is loaded up front.
+        Slide file. Pixels are read lazily through tifffile + dask; nothing is loaded up front. A
+        plain PNG or JPEG image is read into memory instead (it records no scale: pass ``mpp``).
     bulk
         Optional bulk expression of this slide (pandas Series gene → TPM, or a one-row AnnData),
         stored as table ``"bulk"``.
     mpp
-        µm per level-0 pixel; read from the slide metadata when ``None``.
+        µm per level-0 pixel; read from the slide metadata when ``None`` (required for PNG/JPEG).
     sample_id
         Name of the slide (default: file stem).
     chunks
@@ -154,11 +179,18 @@ def read_wsi(
     import spatialdata as sd
 
     path = Path(path)
-    if not path.is_file():
-        msg = f"Slide file {str(path)!r} does not exist."
-        raise FileNotFoundError(msg)
+    _check_slide_path(path)
     sample_id = sample_id or path.stem
-    levels, file_mpp = _open_levels(path)
+    if path.suffix.lower() in PLAIN_SUFFIXES:  # a plain PNG/JPEG: one level, read into memory
+        if mpp is None:
+            msg = (
+                f"{path.name!r} is a plain {path.suffix.lstrip('.').upper()} image, which records no µm per "
+                "pixel; pass mpp= (--mpp for bitro preprocess), e.g. 0.25 for 40×, 0.5 for 20×."
+            )
+            raise ValueError(msg)
+        levels, file_mpp = [read_image_file(path)], None
+    else:
+        levels, file_mpp = _open_levels(path)
     mpp = mpp if mpp is not None else file_mpp
     if mpp is None:
         msg = (

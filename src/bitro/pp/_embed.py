@@ -159,6 +159,8 @@ def embed_cells(
     from bitro import __version__
 
     table = get_table(sdata, cells_key, hint=_SEGMENT_HINT)
+    if table.n_obs == 0:
+        raise ValueError(_no_cells_message(table, cells_key, image_key))
     if mode not in ("tile", "crop"):
         msg = f"mode must be 'tile' or 'crop', got {mode!r}."
         raise ValueError(msg)
@@ -305,6 +307,26 @@ def embed_cells(
     if store is not None and not keep_scratch:
         store.remove(n_tasks)
     logger.info("embed_cells: %d cells x %d features in obsm[%r]", feats.shape[0], feats.shape[1], key_added)
+
+
+def _no_cells_message(table: Any, cells_key: str, image_key: str) -> str:
+    """Why table ``cells_key`` is empty (segmentation found nothing, or an empty import) and what to check."""
+    record = table.uns.get(cells_key, {})
+    record = record if isinstance(record, dict) else {}
+    if "source" in record:
+        origin = f"the segmentation imported from {record['source']!r} holds no cells"
+        check = "Check that file (and that it belongs to this image)."
+    else:
+        method, tissue = record.get("method"), record.get("tissue_key")
+        origin = "bt.pp.segment_cells" + (f" (method {method!r})" if isinstance(method, str) else "")
+        origin += " found no cells"
+        mask = f"that the tissue mask {tissue!r} covers the tissue, " if isinstance(tissue, str) else ""
+        check = (
+            f"Check that image {record.get('image_key', image_key)!r} shows H&E-stained tissue at the recorded "
+            f"µm per pixel (bt.io.get_mpp), {mask}and the segmentation parameters (threshold, min_area_um2, "
+            "max_area_um2)."
+        )
+    return f"Table {cells_key!r} has 0 cells: {origin}, so there is nothing to embed. {check}"
 
 
 def _zero_non_finite(feats: np.ndarray, mask_bytes: int = 1 << 20) -> int:

@@ -188,26 +188,72 @@ def get_encoder(encoder: Any, *, device: Any = None) -> Encoder:
     return enc
 
 
+#: Built-in encoders whose ``"name:argument"`` is the path of a local checkpoint.
+_PATH_ARGUMENT = ("vit", "dinov2", "dinov3", "uni", "lavlab")
+#: File endings of encoder checkpoints (a string ending so is meant as a path, not a name).
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".onnx", ".ckpt")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        os.sep in spec
+        or (os.altsep is not None and os.altsep in spec)
+        or spec.startswith(("~", "."))
+        or spec.lower().endswith(_CHECKPOINT_SUFFIXES)
+    )
+
+
+def check_encoder_name(encoder: Any) -> None:
+    """Check a string/path ``encoder`` without loading it: a registered name, or a checkpoint that exists.
+
+    Raises the error :func:`get_encoder` would raise for a misspelt name or a missing checkpoint
+    (objects and callables are accepted as they are), so callers can fail before any other work.
+    """
+    if not isinstance(encoder, str | os.PathLike):
+        return
+    spec = os.fspath(encoder)
+    if spec in _REGISTRY:
+        return
+    prefix, sep, arg = spec.partition(":")
+    if sep and prefix in _REGISTRY and arg:
+        if prefix in _PATH_ARGUMENT and not os.path.exists(os.path.expanduser(arg)):
+            msg = (
+                f"Encoder checkpoint {arg!r} (from encoder={spec!r}) does not exist; give the path of a local "
+                f"checkpoint folder or file for {prefix!r} (bitro never downloads weights)."
+            )
+            raise FileNotFoundError(msg)
+        return
+    if os.path.exists(os.path.expanduser(spec)):
+        return
+    if _looks_like_path(spec):
+        msg = (
+            f"Encoder checkpoint {spec!r} does not exist. Give the path of a local checkpoint (a transformers "
+            "folder with config.json, or a .safetensors/.pt state dict next to its config.json), or a "
+            f"registered encoder name: {list_encoders()}."
+        )
+        raise FileNotFoundError(msg)
+    msg = (
+        f"Unknown encoder {spec!r}. Registered encoders: {list_encoders()}. Pass one of these names, "
+        "'vit:/path/to/local/checkpoint' (also dinov2:/dinov3:/uni:), a path to a local checkpoint folder, "
+        "a function crops -> features, a torch.nn.Module, or register your own with bt.pp.register_encoder."
+    )
+    raise ValueError(msg)
+
+
 def _resolve(encoder: Any) -> Encoder:
     if isinstance(encoder, Encoder):
         return encoder
     if isinstance(encoder, str | os.PathLike):
+        check_encoder_name(encoder)
         spec = os.fspath(encoder)
         if spec in _REGISTRY:
             return _wrap(_REGISTRY[spec](), name=spec)
         prefix, sep, arg = spec.partition(":")
         if sep and prefix in _REGISTRY and arg:
             return _wrap(_REGISTRY[prefix](arg), name=prefix)
-        if os.path.exists(spec):
-            from bitro.pp._encoders_torch import load_vit_encoder
+        from bitro.pp._encoders_torch import load_vit_encoder
 
-            return load_vit_encoder(spec)
-        msg = (
-            f"Unknown encoder {spec!r}. Registered encoders: {list_encoders()}. Pass one of these names, "
-            "'vit:/path/to/local/checkpoint' (also dinov2:/dinov3:/uni:), a path to a local checkpoint folder, "
-            "a function crops -> features, a torch.nn.Module, or register your own with bt.pp.register_encoder."
-        )
-        raise ValueError(msg)
+        return load_vit_encoder(os.path.expanduser(spec))
     return _wrap(encoder, name=None)
 
 

@@ -9,6 +9,7 @@ nucleus. Nothing here downloads weights.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -241,9 +242,12 @@ def load_vit_encoder(
             msg = f"{str(path)!r} has no config.json; it is not a transformers checkpoint folder."
             raise ValueError(msg)
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-        module, info = AutoModel.from_pretrained(
-            path, config=cfg, local_files_only=True, output_loading_info=True
-        )
+        try:  # transformers reads pytorch_model.bin with torch.load(weights_only=True)
+            module, info = AutoModel.from_pretrained(
+                path, config=cfg, local_files_only=True, output_loading_info=True
+            )
+        except pickle.UnpicklingError as err:
+            raise ValueError(_pickled_message(path)) from err
         problems = {k: _head(v) for k, v in info.items() if k != "error_msgs" and v}
         if problems or info.get("error_msgs"):
             msg = (
@@ -288,12 +292,22 @@ def _head(keys: Any, n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f", … ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def _pickled_message(path: Path) -> str:
+    return (
+        f"{str(path)!r} holds pickled objects besides tensors, which bitro never loads (they can run code). "
+        "Save the plain state dict (torch.save(model.state_dict(), ...)) or use safetensors."
+    )
+
+
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no pickled code
+    except pickle.UnpicklingError as err:
+        raise ValueError(_pickled_message(path)) from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state

@@ -22,7 +22,6 @@ import re
 import socket
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from bitro._files import check_replaceable
 from bitro._files import remove_path as _remove
 from bitro._logging import logger
 from bitro._settings import progress, resolve_seed, settings
+from bitro.io._zarr import write_store
 from bitro.pp._scratch import check_scratch_dir, check_writable_dir, clear_scratch_dir, disk_full
 
 STEPS = ("normalize_stains", "detect_tissue", "segment_cells", "embed_cells", "assign_cells")
@@ -221,9 +221,7 @@ def _write(sdata: Any, out: Path, name: str, *, overwrite: bool) -> Path:
     aside = partial.with_name(f"{partial.name}.old")
     _remove(partial)
     try:
-        with warnings.catch_warnings():  # zarr warns about autosharding once per array
-            warnings.filterwarnings("ignore", message=".*autosharding", category=UserWarning)
-            sdata.write(partial, update_sdata_path=False)
+        write_store(sdata, partial)  # with its integrity record (bt.io.read_zarr checks it)
         if target.exists() or target.is_symlink():
             if not overwrite:
                 msg = f"{str(target)!r} appeared while slide {name!r} was processed; not replaced."

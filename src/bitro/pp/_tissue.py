@@ -278,6 +278,15 @@ def detect_tissue(
             FALLBACK_MPP,
         )
     level, factor = _choose_level(shapes, mpp, target_mpp)
+    if min(shapes[level]) < factor:
+        h0, w0 = shapes[0]
+        msg = (
+            f"Image {image_key!r} ({w0} × {h0} px, {w0 * mpp:.1f} × {h0 * mpp:.1f} µm) is smaller than one "
+            f"pixel of the tissue mask ({target_mpp:g} µm per pixel), so no mask can be made. Pass a smaller "
+            f"target_mpp (down to the image's {mpp:g} µm per pixel), or skip detect_tissue for an image this "
+            "small (segment_cells then segments the whole image)."
+        )
+        raise ValueError(msg)
     image = get_image(sdata, image_key, level=level)
     n_c = int(image.sizes["c"])
     if n_c < 3:
