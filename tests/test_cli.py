@@ -473,6 +473,7 @@ def test_a_missing_input_fails_before_the_heavy_imports():
     assert done.stdout.split() == ["2", "False", "False"]
     assert "MODEL_DIR '/nonexistent/model' not found" in done.stderr
 
+
 def test_preprocess_checks_names_and_the_out_folder_before_any_work(
     synthetic_zarr, tmp_path, capsys, monkeypatch
 ):
