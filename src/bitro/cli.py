@@ -20,7 +20,7 @@ READERS = ("st", "hest", "visium", "wsi", "zarr")
 MODELS = ("bitro", "ridge", "mlp", "depth", "cell_count", "mean")
 #: SetupConfig fields a transfer may change (the rest are the source model's).
 TRANSFER_SETUP = ("target", "zscore", "cluster_weight", "seed")
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, KeyError, ValueError)
+USER_ERRORS = (OSError, KeyError, ValueError)  # OSError covers missing, existing, unwritable paths, full disks
 
 
 def _common() -> argparse.ArgumentParser:
