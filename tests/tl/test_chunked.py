@@ -45,7 +45,7 @@ def _loss_and_grads(model, max_cells, *, cluster_weight=1.0, seed=0, **kwargs):
             net,
             model.train_bags,
             idx,
-            to_counts=model.transform.to_counts_torch,
+            to_counts=lambda out: model.transform.to_counts_torch(out["y"]),
             target=torch.as_tensor(model.training_set.slide_targets[:1]),
             cluster_weight=cluster_weight,
             max_cells=max_cells,

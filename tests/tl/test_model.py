@@ -39,9 +39,10 @@ def test_fit_predict_layers_and_accuracy(toy_slides):
             rtol=1e-3,
             atol=1e-3,
         )
-    # cells outside every spot get no prediction
+    # cells outside every spot are predicted too (in bins), and flagged
     outside = cells.obs["spot_id"].isna().to_numpy()
-    assert np.isnan(cells.layers["bitro"][outside]).all()
+    assert outside.sum() == 2 and np.isfinite(cells.layers["bitro"][outside]).all()
+    assert (cells.obs["bitro_in_bag"].to_numpy() == ~outside).all()
     assert cells.obsm["X_bitro_expr"].shape == (cells.n_obs, len(GENES))
     assert spots.uns["bitro"]["model"] == "bitro" and cells.uns["bitro"]["genes"] == GENES
     # the model learned: better than the training mean on held-out spots
@@ -297,12 +298,9 @@ def test_predicted_cells_cluster_with_scanpy(toy_slides):
     test = toy_slides[2]
     bt.tl.predict(model, test)
     cells = test["cells"]
-    inside = cells.obs["bitro_in_bag"].to_numpy()
-    assert (
-        np.isnan(cells.obsm["X_bitro_expr"][~inside]).all()
-        and np.isfinite(cells.obsm["X_bitro_expr"][inside]).all()
-    )
-    sub = cells[inside].copy()
+    # every cell has a prediction, so the whole table goes to scanpy as it is (no NaN rows to drop)
+    assert np.isfinite(cells.obsm["X_bitro_expr"]).all() and (~cells.obs["bitro_in_bag"]).sum() == 2
+    sub = cells.copy()
     sc.pp.neighbors(sub, use_rep="X_bitro_expr", n_neighbors=10)
     sc.tl.leiden(sub, flavor="igraph", n_iterations=2, random_state=0)
     assert sub.obs["leiden"].nunique() >= 2

@@ -12,6 +12,7 @@ _EXPORTS = {
     "GATBlock": "._gat",
     "BagTransformer": "._transformer",
     "GeneQueryHead": "._mil",
+    "CellCountHead": "._count_head",
     "PositionEncoding": "._position",
     "apply_lora": "._lora",
     "lora_trainable_summary": "._lora",

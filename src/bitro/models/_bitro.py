@@ -13,8 +13,11 @@ Inputs (many bags as one disjoint graph; no Python loop over bags)
   Transformer sequence as extra tokens that the bag's cells attend to; the head never pools them.
   Quantise bag and context positions on the same grid.
 
-Outputs: ``dict(y=(B, G), attn=(N, G), h=(N, D))`` — predictions in the target space of the config's
-``output``, per-gene attention over each bag's cells (columns sum to 1 per bag) and final cell features.
+Outputs: ``dict(y=(B, G), attn=(N, G), h=(N, D))`` — bag predictions, per-gene weights of each cell in
+its bag (columns sum to 1 per bag) and final cell features. With ``head="attention"`` ``y`` is in the
+target space of the config's ``output`` and ``attn`` the gene-query attention; with
+``head="cell_counts"`` ``y`` is the log of the bag's expected counts (the sum of its cells'), ``attn``
+each cell's share of them, and ``cell_log_counts`` ``(N, G)`` every cell's log expected counts.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from bitro.models._config import BiTroConfig
+from bitro.models._count_head import CellCountHead
 from bitro.models._gat import GATBlock
 from bitro.models._mil import GeneQueryHead
 from bitro.models._position import PositionEncoding
@@ -78,15 +82,20 @@ class BiTroNet(nn.Module):
             if c.use_transformer
             else None
         )
-        self.head = GeneQueryHead(
-            c.hidden_dim,
-            c.n_genes,
-            readout_hidden=c.readout_hidden,
-            output=c.output,
-            pooling=c.pooling,
-            use_cell_count=c.use_cell_count,
-            readout=c.readout,
-        )
+        if c.head == "cell_counts":
+            self.head = CellCountHead(
+                c.hidden_dim, c.in_dim if c.skip else 0, c.n_genes, readout_hidden=c.readout_hidden
+            )
+        else:
+            self.head = GeneQueryHead(
+                c.hidden_dim,
+                c.n_genes,
+                readout_hidden=c.readout_hidden,
+                output=c.output,
+                pooling=c.pooling,
+                use_cell_count=c.use_cell_count,
+                readout=c.readout,
+            )
         # initialise once, in a fixed order, from the RNG state at entry: constructing after
         # ``torch.manual_seed(s)`` equals ``torch.manual_seed(s); net.reset_parameters()``.
         torch.set_rng_state(rng_state)
@@ -100,7 +109,9 @@ class BiTroNet(nn.Module):
                 mod.reset_parameters()
 
     def gene_parameter_names(self) -> list[str]:
-        """Names of the parameters with one row per gene (queries, or the mean-pooling output layer)."""
+        """Names of the parameters with one row per gene (queries, or the per-gene output layer)."""
+        if self.config.head == "cell_counts":
+            return ["head.mlp.out.weight", "head.mlp.out.bias"]
         if self.config.pooling == "gene_query":
             extra = ["head.gene_weight", "head.gene_bias"] if self.config.readout == "gene" else []
             return ["head.queries", *extra]
@@ -194,6 +205,9 @@ class BiTroNet(nn.Module):
             h = self.transformer(
                 h, batch, ctx=ctx, ctx_batch=ctx_batch if ctx is not None else None, num_bags=num_bags
             )
+        if isinstance(self.head, CellCountHead):
+            y, attn, log_rate = self.head(h, x, batch, num_bags=num_bags)
+            return {"y": y, "attn": attn, "h": h, "cell_log_counts": log_rate}
         y, attn = self.head(h, batch, num_bags=num_bags)
         return {"y": y, "attn": attn, "h": h}
 
@@ -270,7 +284,8 @@ class BiTroNet(nn.Module):
             f"pooling={c.pooling!r}",
             f"output={c.output!r}",
             *(["cell_count=on"] if c.use_cell_count else []),
-            *(["readout='gene'"] if c.readout == "gene" else []),
+            *(["readout='gene'"] if c.readout == "gene" and c.head == "attention" else []),
+            *([f"head='cell_counts'{', skip' if c.skip else ''}"] if c.head == "cell_counts" else []),
             f"params={sum(p.numel() for p in self.parameters()):,}",
         ]
         return f"{type(self).__name__}({', '.join(parts)})"

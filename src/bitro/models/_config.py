@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 _OUTPUTS = ("linear", "softplus")
 _POOLINGS = ("gene_query", "mean")
+_HEADS = ("attention", "cell_counts")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,15 @@ class BiTroConfig:
     use_cell_count
         Extension, off by default (paper-faithful): feed ``log1p(cells in the bag)`` to the head.
         Softmax pooling cannot see how many cells a bag holds, while raw counts scale with it.
+    head
+        ``"attention"``: the paper's gene-query head — a bag is predicted from its pooled cells and split
+        back over them by attention (Eq. 10; ``pooling`` and ``readout`` apply). ``"cell_counts"``: every
+        cell gets its own non-negative expected counts and a bag is their sum
+        (:class:`~bitro.models.CellCountHead`), so cells sum exactly to their spot and any cell can be
+        predicted.
+    skip
+        ``head="cell_counts"``: feed each cell's own projected input features to the head beside the
+        trunk's contextual features (the trunk makes the cells of a bag alike).
     readout
         ``"gene"`` (default; extension: the hidden layer is shared, the last linear layer has one weight
         vector and bias per gene) or ``"shared"`` (the paper's Eq. 9: one readout MLP for every gene). With a
@@ -79,6 +89,8 @@ class BiTroConfig:
     readout_hidden: int = 64
     use_cell_count: bool = False
     readout: Literal["shared", "gene"] = "gene"
+    head: Literal["attention", "cell_counts"] = "attention"
+    skip: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -97,7 +109,7 @@ class BiTroConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 msg = f"BiTroConfig.{name} must be an integer ≥ 1, got {value!r}."
                 raise ValueError(msg)
-        for name in ("use_gat", "use_transformer", "use_position", "use_cell_count"):
+        for name in ("use_gat", "use_transformer", "use_position", "use_cell_count", "skip"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 msg = f"BiTroConfig.{name} must be True or False, got {value!r}."
@@ -117,6 +129,12 @@ class BiTroConfig:
             raise ValueError(msg)
         if self.pooling not in _POOLINGS:
             msg = f"BiTroConfig.pooling must be one of {_POOLINGS}, got {self.pooling!r}."
+            raise ValueError(msg)
+        if self.head not in _HEADS:
+            msg = f"BiTroConfig.head must be one of {_HEADS}, got {self.head!r}."
+            raise ValueError(msg)
+        if self.head == "cell_counts" and self.output != "linear":
+            msg = "BiTroConfig.output applies to the attention head only; keep output='linear' with head='cell_counts'."
             raise ValueError(msg)
         if self.readout not in ("shared", "gene"):
             msg = f"BiTroConfig.readout must be 'shared' or 'gene', got {self.readout!r}."

@@ -79,7 +79,7 @@ def chunk_bags(sizes: np.ndarray, max_cells: int | None) -> list[np.ndarray]:
 
 def _chunk_forward(
     net: Any,
-    to_counts: Callable[[torch.Tensor], torch.Tensor],
+    to_counts: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     n_clusters: int,
     x: torch.Tensor,
     batch: torch.Tensor,
@@ -94,7 +94,7 @@ def _chunk_forward(
     from bitro.models import pseudo_cell_expression
 
     out = net(x, batch, edge_index, pos, **ctx)
-    counts = to_counts(out["y"])
+    counts = to_counts(out)
     if not n_clusters:
         return (counts,)
     cells = torch.log1p(pseudo_cell_expression(out["attn"], counts, batch)).double()
@@ -110,7 +110,7 @@ def chunked_bulk_loss(
     bags: BagSet,
     idx: np.ndarray,
     *,
-    to_counts: Callable[[torch.Tensor], torch.Tensor],
+    to_counts: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     target: torch.Tensor,
     cluster_weight: float,
     max_cells: int,
@@ -128,7 +128,8 @@ def chunked_bulk_loss(
     idx
         Bags of the slide.
     to_counts
-        Maps the network's normalised output to count space (differentiable).
+        Maps the network's output dict to the bags' counts ``(B, G)`` (differentiable; see
+        :func:`bitro.tl._levels.bag_outputs`).
     target
         ``(1, G)`` log1p(TPM) bulk target.
     cluster_weight
@@ -162,14 +163,18 @@ def chunked_bulk_loss(
         (x, bt, ei, pos), ctx = net_inputs(batch)
         args = (net, to_counts, n_clusters, x, bt, ei, pos, batch["phenotype"])
         if grad:
-            parts.append(checkpoint(_chunk_forward, *args, use_reentrant=False, preserve_rng_state=True, **ctx))
+            parts.append(
+                checkpoint(_chunk_forward, *args, use_reentrant=False, preserve_rng_state=True, **ctx)
+            )
         else:
             parts.append(_chunk_forward(*args, **ctx))
     counts = torch.cat([p[0] for p in parts])
     tpm = aggregate_bulk(counts, torch.zeros(len(counts), dtype=torch.long, device=counts.device), 1)
     loss = torch.nn.functional.mse_loss(torch.log1p(tpm), target)
     if n_clusters:
-        n = torch.as_tensor(np.bincount(labels, minlength=n_clusters), dtype=torch.float64, device=counts.device)
+        n = torch.as_tensor(
+            np.bincount(labels, minlength=n_clusters), dtype=torch.float64, device=counts.device
+        )
         s1 = torch.stack([p[1] for p in parts]).sum(dim=0)
         s2 = torch.stack([p[2] for p in parts]).sum(dim=0)
         present = n > 0

@@ -23,6 +23,7 @@ from bitro import _keys as K
 
 _C = TypeVar("_C", bound="_Options")
 TARGETS = ("raw", "library_size")
+LOSSES = ("mse", "poisson")
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -164,6 +165,11 @@ class SetupConfig(_Options):
     zscore
         Standardise each gene's log1p target with the training mean and standard deviation (paper
         Eq. 21). ``False`` is the ablation (spot level only).
+    loss
+        Spot-level loss: ``"mse"`` between predicted and observed z-scored log1p expression (every gene
+        weighs the same, like PCC_gene), or ``"poisson"``: the likelihood of the observed counts — with
+        ``target="library_size"`` the spot's library size is an offset (only the composition is fitted,
+        a multinomial), with ``target="raw"`` the depth is predicted too.
     use_rep
         Cell embedding in ``cells.obsm`` (``bt.pp.embed_cells``).
     n_components
@@ -187,6 +193,9 @@ class SetupConfig(_Options):
 
     target: str = _opt("library_size", "target scale: library_size or raw", choices=TARGETS)
     zscore: bool = _opt(True, "z-score each gene's log1p target with training statistics (paper Eq. 21)")
+    loss: str = _opt(
+        "mse", "spot loss: mse on z-scored log1p targets, or poisson on the counts", choices=LOSSES
+    )
     use_rep: str = _opt(K.EMBEDDING, "cell embedding in cells.obsm")
     n_components: int = _opt(128, "PCA dimension of the cell features")
     n_phenotypes: int = _opt(8, "k-means phenotypes")
@@ -205,6 +214,9 @@ class SetupConfig(_Options):
         name = type(self).__name__
         if self.target not in TARGETS:
             msg = f"{name}.target must be one of {TARGETS}, got {self.target!r}."
+            raise ValueError(msg)
+        if self.loss not in LOSSES:
+            msg = f"{name}.loss must be one of {LOSSES}, got {self.loss!r}."
             raise ValueError(msg)
         if not isinstance(self.zscore, bool):
             msg = f"{name}.zscore must be True or False, got {self.zscore!r}."

@@ -51,6 +51,8 @@ class BagSet:
         ``(N,)`` row index of each cell in its slide's cells table.
     targets
         ``(B, G)`` float32 normalised targets, or ``None``.
+    counts
+        ``(B, G)`` float32 observed counts of the bags (likelihood losses), or ``None``.
     ctx_features, ctx_pos, ctx_ptr
         Optional context cells around each bag (``context_um``): features ``(M, D)``, positions
         ``(M, 2)`` and offsets ``(B + 1,)``; the context of bag ``b`` is rows ``ctx_ptr[b]:ctx_ptr[b+1]``.
@@ -66,6 +68,7 @@ class BagSet:
     bag_slide: np.ndarray
     cell_obs: np.ndarray
     targets: np.ndarray | None = None
+    counts: np.ndarray | None = None
     slide_names: list[str] = field(default_factory=list)
     ctx_features: np.ndarray | None = None
     ctx_pos: np.ndarray | None = None
@@ -113,6 +116,7 @@ class BagSet:
             bag_slide=self.bag_slide[bags],
             cell_obs=self.cell_obs[cell_idx],
             targets=None if self.targets is None else self.targets[bags],
+            counts=None if self.counts is None else self.counts[bags],
             slide_names=self.slide_names,
             **ctx,
         )
@@ -324,6 +328,8 @@ def collate(bags: BagSet, index: np.ndarray, *, device: Any = "cpu") -> dict[str
     }
     if bags.targets is not None:
         out["y"] = torch.from_numpy(bags.targets[index]).to(device)
+    if bags.counts is not None:
+        out["counts"] = torch.from_numpy(bags.counts[index]).to(device)
     if bags.ctx_ptr is not None:
         cs, ce = bags.ctx_ptr[index], bags.ctx_ptr[index + 1]
         ctx = np.concatenate([np.arange(a, b) for a, b in zip(cs, ce)]) if len(index) else np.zeros(0, int)

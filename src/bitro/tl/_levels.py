@@ -41,12 +41,15 @@ class TrainingSet:
         λ of the cluster loss.
     slide_targets
         Bulk level: ``(slides, G)`` log1p(TPM) of each training slide's bulk profile.
+    loss
+        Spot level: ``"mse"`` or ``"poisson"`` (:class:`~bitro.tl.SetupConfig`).
     """
 
     bags: BagSet
     transform: TargetTransform
     cluster_weight: float
     slide_targets: np.ndarray | None = None
+    loss: str = "mse"
 
     @property
     def n_slides(self) -> int:
@@ -136,14 +139,64 @@ class Level:
     def warn_data(self, data: TrainingSet, n_train: int, n_val: int) -> None:
         """Warn when the training data cannot teach the model much."""
 
+    def write(self, sdata: sd.SpatialData, counts: np.ndarray, is_unit: np.ndarray, genes: list[str],
+              setup: SetupConfig, *, key_added: str, provenance: dict[str, Any],
+              overwrite: bool) -> dict[str, np.ndarray]:  # fmt: skip
+        """Outputs besides the unit and cell layers: the slide's bulk profile when it has a bulk table.
+
+        ``counts``: ``(bags, G)`` predicted counts of every bag (units and the bins of the other cells);
+        ``is_unit``: which bags are units. The default sums every bag, i.e. every cell of the slide.
+        """
+        return write_bulk(sdata, counts, genes, setup, key_added=key_added, provenance=provenance)
+
     def output_tables(self, sdata: sd.SpatialData, setup: SetupConfig) -> list[tuple[Any, str]]:
         """``(table, name)`` of the tables :meth:`write` writes into (checked for existing keys first)."""
-        return []
+        return [(sdata.tables[setup.bulk_key], setup.bulk_key)] if setup.bulk_key in sdata.tables else []
 
-    def write(self, sdata: sd.SpatialData, counts: np.ndarray, genes: list[str], setup: SetupConfig, *,
-              key_added: str, provenance: dict[str, Any], overwrite: bool) -> dict[str, np.ndarray]:  # fmt: skip
-        """Outputs besides the unit and cell layers (e.g. the bulk table); ``counts``: ``(bags, G)``."""
+
+def write_bulk(sdata: sd.SpatialData, counts: np.ndarray, genes: list[str], setup: SetupConfig, *,
+               key_added: str, provenance: dict[str, Any]) -> dict[str, np.ndarray]:  # fmt: skip
+    """``bulk.layers[key_added]`` = log1p(TPM) of the summed ``counts`` (nothing without a bulk table)."""
+    if setup.bulk_key not in sdata.tables:
         return {}
+    bulk = sdata.tables[setup.bulk_key]
+    tpm = counts.sum(axis=0)
+    tpm = tpm / max(tpm.sum(), 1e-12) * 1e6
+    layer = np.full((bulk.n_obs, bulk.n_vars), np.nan, dtype=np.float32)
+    cols = bulk.var_names.get_indexer(genes)
+    layer[:, cols[cols >= 0]] = np.log1p(tpm[cols >= 0])
+    bulk.layers[key_added] = layer
+    bulk.uns[key_added] = provenance
+    return {"bulk": layer}
+
+
+def bag_outputs(out: dict[str, Any], transform: TargetTransform) -> tuple[Any, Any]:
+    """``(z, counts)`` of the bags from the network's output, whatever its head.
+
+    The attention head predicts normalised targets ``z`` (counts follow from the transform); the count
+    head predicts log expected counts (``z`` follows from the same transform), so every loss and every
+    output can use either.
+    """
+    import torch
+
+    if "cell_log_counts" in out:
+        counts = torch.exp(out["y"])
+        return transform.encode_torch(counts), counts
+    return out["y"], transform.to_counts_torch(out["y"])
+
+
+def _poisson(counts: Any, observed: Any, scale: str) -> Any:
+    """Mean over bags of the Poisson NLL per observed count; library size as an offset on that scale."""
+    import torch
+
+    log_mu = torch.log(counts.clamp_min(1e-8))
+    depth = observed.sum(dim=1).clamp_min(1.0)
+    if scale == "library_size":  # the observed total is given: only the composition is fitted
+        log_p = log_mu - torch.logsumexp(log_mu, dim=1, keepdim=True)
+        nll = -(observed * log_p).sum(dim=1)
+    else:
+        nll = (counts - observed * log_mu).sum(dim=1)
+    return (nll / depth).mean()
 
 
 def _cluster_term(out: dict[str, Any], counts: Any, batch: dict[str, Any], weight: float) -> Any:
@@ -181,8 +234,9 @@ class SpotLevel(Level):
         counts = np.concatenate(counts)
         transform = TargetTransform.fit(counts, genes, scale=setup.target, zscore=setup.zscore)
         bags.targets = transform.encode(counts)
+        bags.counts = counts.astype(np.float32)
         weight = self.default_cluster_weight if setup.cluster_weight is None else setup.cluster_weight
-        return TrainingSet(bags=bags, transform=transform, cluster_weight=float(weight))
+        return TrainingSet(bags=bags, transform=transform, cluster_weight=float(weight), loss=setup.loss)
 
     def split(self, data, fraction, rng):
         """A random ``fraction`` of the training spots (at least one when there are two or more)."""
@@ -202,15 +256,18 @@ class SpotLevel(Level):
         return [(idx[b], len(b)) for b in batches(len(idx), batch_size, shuffle=False)]
 
     def loss(self, net, data, step, *, device, max_cells):
-        """MSE of the normalised spot targets (+ λ · cluster loss on the pseudo-cells)."""
+        """MSE of the normalised spot targets or Poisson NLL of the counts (+ λ · cluster loss)."""
         import torch
 
         batch = collate(data.bags, step, device=device)
         args, kwargs = net_inputs(batch)
         out = net(*args, **kwargs)
-        loss = torch.nn.functional.mse_loss(out["y"], batch["y"])
+        z, counts = bag_outputs(out, data.transform)
+        if data.loss == "poisson":
+            loss = _poisson(counts, batch["counts"], data.transform.scale)
+        else:
+            loss = torch.nn.functional.mse_loss(z, batch["y"])
         if data.cluster_weight > 0:
-            counts = data.transform.to_counts_torch(out["y"])
             loss = loss + _cluster_term(out, counts, batch, data.cluster_weight)
         return loss
 
@@ -322,7 +379,7 @@ class BulkLevel(Level):
                 net,
                 bags,
                 idx,
-                to_counts=data.transform.to_counts_torch,
+                to_counts=lambda out: bag_outputs(out, data.transform)[1],
                 target=target,
                 cluster_weight=data.cluster_weight,
                 max_cells=max_cells,
@@ -331,7 +388,7 @@ class BulkLevel(Level):
         batch = collate(bags, idx, device=device)
         args, kwargs = net_inputs(batch)
         out = net(*args, **kwargs)
-        counts = data.transform.to_counts_torch(out["y"])
+        _, counts = bag_outputs(out, data.transform)
         tpm = aggregate_bulk(counts, torch.zeros(len(idx), dtype=torch.long, device=device), 1)
         loss = torch.nn.functional.mse_loss(torch.log1p(tpm), target)
         if data.cluster_weight > 0:
@@ -350,23 +407,9 @@ class BulkLevel(Level):
                 self.MIN_SLIDES,
             )
 
-    def output_tables(self, sdata, setup):
-        """The bulk table, when the slide has one."""
-        return [(sdata.tables[setup.bulk_key], setup.bulk_key)] if setup.bulk_key in sdata.tables else []
-
-    def write(self, sdata, counts, genes, setup, *, key_added, provenance, overwrite):
-        """``bulk.layers[key_added]``: log1p(TPM) of the summed patch predictions."""
-        if setup.bulk_key not in sdata.tables:
-            return {}
-        bulk = sdata.tables[setup.bulk_key]
-        tpm = counts.sum(axis=0)
-        tpm = tpm / max(tpm.sum(), 1e-12) * 1e6
-        layer = np.full((bulk.n_obs, bulk.n_vars), np.nan, dtype=np.float32)
-        cols = bulk.var_names.get_indexer(genes)
-        layer[:, cols[cols >= 0]] = np.log1p(tpm[cols >= 0])
-        bulk.layers[key_added] = layer
-        bulk.uns[key_added] = provenance
-        return {"bulk": layer}
+    def write(self, sdata, counts, is_unit, genes, setup, *, key_added, provenance, overwrite):
+        """``bulk.layers[key_added]``: log1p(TPM) of the summed patch predictions (the trained definition)."""
+        return write_bulk(sdata, counts[is_unit], genes, setup, key_added=key_added, provenance=provenance)
 
 
 def bulk_profiles(sdatas: list[sd.SpatialData], genes: list[str], setup: SetupConfig) -> np.ndarray:

@@ -104,6 +104,10 @@ class BiTroModel:
             source_transform=source_transform,
         )
         self.net = _build_net(self.state.net_config, setup.seed)
+        if self.state.net_config.head == "cell_counts":  # start every gene at the data's level
+            from bitro.tl._setup import initial_log_counts
+
+            self.net.head.set_log_scale(initial_log_counts(self._data))
 
     @classmethod
     def _from_state(cls, state: ModelState, net: Any) -> BiTroModel:
@@ -257,23 +261,20 @@ class BiTroModel:
     # ------------------------------------------------------------------ prediction
     def predict_bags(
         self, sdata: sd.SpatialData, *, batch_size: int = 64, device: str | None = None
-    ) -> tuple[BagSet, Any, np.ndarray, np.ndarray]:
-        """Run the network on every bag of ``sdata``.
+    ) -> tuple[BagSet, np.ndarray, np.ndarray, np.ndarray]:
+        """Run the network on every bag of ``sdata``: its units, and bins of the cells outside them.
 
         Returns
         -------
-        ``(bags, unit_names, z, attn)``: the bags, the unit names of the units table, ``(B, G)`` normalised
-        predictions and ``(N, G)`` attention of each cell (cells in ``bags`` order).
+        ``(bags, is_unit, z, attn)``: the bags (units first, then bins named ``"bin:<i>_<j>"``), which
+        of them are units, ``(B, G)`` normalised predictions and ``(N, G)`` each cell's share of its bag
+        (cells in ``bags`` order).
         """
-        from bitro.io._build import get_table
         from bitro.tl._predict import run_bags
 
         if not self.is_trained:
             logger.warning("Predicting with an untrained model.")
-        bags, z, attn = run_bags(
-            self.state, self.net, self._level, sdata, batch_size=batch_size, device=device
-        )
-        return bags, get_table(sdata, self._level.units_key(self.setup)).obs_names, z, attn
+        return run_bags(self.state, self.net, self._level, sdata, batch_size=batch_size, device=device)
 
     def predict(
         self,
@@ -291,14 +292,16 @@ class BiTroModel:
         - units table (``spots`` or ``patches``): ``layers[key_added]`` log1p expression on the model's
           target scale, aligned to ``var`` (NaN for genes the model does not predict and for units
           without cells); ``obs[f"{key_added}_n_cells"]``.
-        - ``cells``: pseudo single-cell expression (paper Eq. 10, in count space so a unit's cells sum
-          to its prediction) as ``layers[key_added]`` = log1p(pseudo-counts) and
-          ``obsm[f"X_{key_added}_expr"]`` = log1p of per-cell library-size-normalised pseudo-counts
-          (for ``sc.pp.neighbors(use_rep=...)``). Cells outside every bag have no prediction: their
-          rows are NaN and ``obs[f"{key_added}_in_bag"]`` is False — cluster
-          ``cells[cells.obs["bitro_in_bag"]]``. A cells table without genes gets the model genes as
-          ``var``.
-        - at bulk level also ``bulk.layers[key_added]`` = log1p(TPM) of the summed patch predictions.
+        - ``cells``: expression of **every** segmented cell, in count space so that the cells of a unit
+          sum to its prediction, as ``layers[key_added]`` = log1p(predicted counts) and
+          ``obsm[f"X_{key_added}_expr"]`` = log1p of per-cell library-size-normalised counts (for
+          ``sc.pp.neighbors(use_rep=...)``). With the attention head a cell's counts are its attention
+          share of its bag (paper Eq. 10); with ``head="cell_counts"`` they are the cell's own expected
+          counts. Cells outside every unit (between spots, or on a slide without spots) are read in
+          square bins of the bag's size; ``obs[f"{key_added}_in_bag"]`` says which cells lie under a unit.
+          A cells table without genes gets the model genes as ``var``.
+        - ``bulk.layers[key_added]`` when the slide has a bulk table: log1p(TPM) of the summed predictions
+          (every cell at spot level; the patches at bulk level).
         - provenance in ``.uns[key_added]`` of each written table.
 
         ``device=None`` means ``bt.settings.device``.
@@ -309,12 +312,13 @@ class BiTroModel:
         """
         from bitro.tl._predict import write_predictions
 
-        bags, _, z, attn = self.predict_bags(sdata, batch_size=batch_size, device=device)
+        bags, is_unit, z, attn = self.predict_bags(sdata, batch_size=batch_size, device=device)
         return write_predictions(
             sdata,
             self.state,
             self._level,
             bags,
+            is_unit,
             z,
             attn,
             key_added=key_added,

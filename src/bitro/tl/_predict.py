@@ -1,21 +1,26 @@
-"""Prediction: run a trained network on a slide's bags and write units, pseudo-cells and level outputs.
+"""Prediction: run a trained network on a slide's bags and write units, every cell, and level outputs.
 
-The network runs on every bag of the slide (batches of bags as one disjoint graph). Writing happens
-after every existing key has been checked, so a refused overwrite leaves the slide untouched.
+Every segmented cell gets a prediction. The cells under a unit (a spot, or a bulk patch) form that
+unit's bag; the other cells — between spots, outside the spot array, or all cells of a slide that has
+no spots (a new H&E slide) — are grouped into square bins of the bag's size, which the network reads
+like bags but which are written only to the cells. Writing happens after every existing key has been
+checked, so a refused overwrite leaves the slide untouched.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from bitro import _keys as K
 from bitro._logging import logger
 from bitro._settings import progress, resolve_device
-from bitro.io._build import get_table
+from bitro.io._build import get_mpp, get_scale
 from bitro.tl._data import BagSet, batches, cells_of, collate, net_inputs
-from bitro.tl._levels import Level
+from bitro.tl._levels import Level, bag_outputs
 from bitro.tl._setup import cell_features, encoder_info, make_bags
 from bitro.tl._state import ModelState
 from bitro.tl._write import write_units_layer
@@ -25,6 +30,8 @@ if TYPE_CHECKING:
 
 #: Cells per chunk when the per-cell outputs are written (bounds the cells × genes temporaries).
 PREDICT_CHUNK = 65_536
+#: Prefix of the bins that group the cells outside every unit.
+BIN_PREFIX = "bin:"
 
 
 def check_features(state: ModelState, sdata: sd.SpatialData) -> np.ndarray:
@@ -50,21 +57,77 @@ def check_features(state: ModelState, sdata: sd.SpatialData) -> np.ndarray:
     return x
 
 
+def _with_bins(sdata: sd.SpatialData, level: Level, state: ModelState) -> tuple[Any, pd.Index]:
+    """A light view of the slide whose unit table also holds square bins for the cells outside every unit.
+
+    Returns the view (``tables`` and ``attrs``, what :func:`bitro.tl._data.build_bags` reads) and the names
+    of the real units.
+    """
+    import anndata as ad
+
+    setup = state.setup
+    units_key, cells_key, bag_key = level.units_key(setup), setup.cells_key, level.bag_key
+    cells = cells_of(sdata, cells_key)
+    xy = np.asarray(cells.obsm[K.SPATIAL], dtype=np.float64)
+    has_units = units_key in sdata.tables and bag_key in cells.obs
+    if has_units:
+        units = sdata.tables[units_key]
+        names, centres = units.obs_names, np.asarray(units.obsm[K.SPATIAL], dtype=np.float64)
+        member = cells.obs[bag_key].astype(object).where(cells.obs[bag_key].notna(), None).to_numpy()
+    else:
+        names, centres = pd.Index([], dtype=str), np.zeros((0, 2))
+        member = np.full(cells.n_obs, None, dtype=object)
+        why = f"no {units_key!r} table" if units_key not in sdata.tables else f"no cells.obs[{bag_key!r}]"
+        logger.info("The slide has %s: every cell is predicted in %s bins.", why, "bag-sized")
+    outside = np.array([m is None or (isinstance(m, float) and np.isnan(m)) for m in member])
+    bag_um = get_scale(sdata).get(K.SPOT_DIAMETER_UM) or state.bag_size_um
+    if bag_um is None:
+        msg = (
+            "The bag size is unknown: the slide records no spot_diameter_um and the model no training bag "
+            "size; record it with bt.io.set_scale(sdata, spot_diameter_um=...)."
+        )
+        raise ValueError(msg)
+    side = float(bag_um) / get_mpp(sdata)
+    cell_bin = np.floor(xy[outside] / side).astype(np.int64)
+    keys, inverse = np.unique(cell_bin, axis=0, return_inverse=True)
+    bin_names = pd.Index([f"{BIN_PREFIX}{i}_{j}" for i, j in keys], dtype=str)
+    member = member.copy()
+    member[outside] = bin_names.to_numpy()[inverse.ravel()]
+    all_names = names.append(bin_names)
+    view_units = ad.AnnData(obs=pd.DataFrame(index=all_names))
+    view_units.obsm[K.SPATIAL] = np.concatenate([centres, (keys + 0.5) * side])
+    view_cells = ad.AnnData(
+        obs=pd.DataFrame({bag_key: pd.Categorical(member, categories=all_names)}, index=cells.obs_names)
+    )
+    view_cells.obsm[K.SPATIAL] = xy
+    scale = {**get_scale(sdata), K.SPOT_DIAMETER_UM: float(bag_um)}
+    view = SimpleNamespace(tables={units_key: view_units, cells_key: view_cells}, attrs={K.SCALE: scale})
+    return view, names
+
+
 def run_bags(
     state: ModelState, net: Any, level: Level, sdata: sd.SpatialData, *, batch_size: int, device: str | None
-) -> tuple[BagSet, np.ndarray, np.ndarray]:
-    """``(bags, z, attn)``: the slide's bags, ``(B, G)`` normalised predictions, ``(N, G)`` cell attention."""
+) -> tuple[BagSet, np.ndarray, np.ndarray, np.ndarray]:
+    """Run the network on every bag and bin of the slide.
+
+    Returns
+    -------
+    ``(bags, is_unit, z, attn)``: the bags (units, then bins), which of them are real units, ``(B, G)``
+    normalised predictions and ``(N, G)`` each cell's share of its bag (cells in ``bags`` order).
+    """
     import torch
 
     x = check_features(state, sdata)
     proj = state.projection.transform(x)
+    view, unit_names = _with_bins(sdata, level, state)
     bags, _ = make_bags(
-        [sdata],
+        [view],
         level,
         state.setup,
         [proj],
         [state.phenotypes.predict(proj)],
         pos_bins=state.net_config.pos_bins,
+        use_stored_graph=False,
     )
     dev = resolve_device(device)
     net = net.to(dev).eval()
@@ -77,21 +140,24 @@ def run_bags(
                 batch = collate(bags, b, device=dev)
                 args, kwargs = net_inputs(batch)
                 out = net(*args, **kwargs)
-                zs.append(out["y"].cpu().numpy())
+                z, _ = bag_outputs(out, state.transform)
+                zs.append(z.cpu().numpy())
                 attn[batch["cells"]] = out["attn"].cpu().numpy()
     finally:
         net.cpu()
-    return bags, np.concatenate(zs).astype(np.float64), attn
+    is_unit = pd.Index(bags.bag_ids).isin(unit_names)
+    return bags, is_unit, np.concatenate(zs).astype(np.float64), attn
 
 
-def _refuse_existing(tables: list[tuple[Any, str]], key_added: str, obsm_key: str, overwrite: bool) -> None:
+def _refuse_existing(
+    tables: list[tuple[Any, str]], cells: Any, key_added: str, obsm_key: str, overwrite: bool
+) -> None:
     if overwrite:
         return
     for table, what in tables:
         if key_added in table.layers:
             msg = f"{what}.layers[{key_added!r}] already exists; pass overwrite=True or another key_added."
             raise ValueError(msg)
-    cells = tables[-1][0]
     if obsm_key in cells.obsm:
         msg = f"cells.obsm[{obsm_key!r}] already exists; pass overwrite=True or another key_added."
         raise ValueError(msg)
@@ -102,6 +168,7 @@ def write_predictions(
     state: ModelState,
     level: Level,
     bags: BagSet,
+    is_unit: np.ndarray,
     z: np.ndarray,
     attn: np.ndarray,
     *,
@@ -109,18 +176,18 @@ def write_predictions(
     provenance: dict[str, Any],
     overwrite: bool,
 ) -> dict[str, np.ndarray]:
-    """Write unit, pseudo-cell (and level) outputs; see :meth:`bitro.tl.BiTroModel.predict`."""
+    """Write unit, every-cell (and level) outputs; see :meth:`bitro.tl.BiTroModel.predict`."""
     import anndata as ad
     from scipy import sparse
 
     setup, genes = state.setup, list(state.genes)
     units_key, cells_key = level.units_key(setup), setup.cells_key
-    units = get_table(sdata, units_key)
+    units = sdata.tables.get(units_key) if is_unit.any() else None
     cells = cells_of(sdata, cells_key)
     obsm_key = f"X_{key_added}_expr"
-    extra = level.output_tables(sdata, setup)
-    _refuse_existing([*extra, (units, units_key), (cells, cells_key)], key_added, obsm_key, overwrite)
-    if not units.var_names.isin(genes).any() and units.n_vars:
+    tables = [*level.output_tables(sdata, setup), *([(units, units_key)] if units is not None else [])]
+    _refuse_existing([*tables, (cells, cells_key)], cells, key_added, obsm_key, overwrite)
+    if units is not None and units.n_vars and not units.var_names.isin(genes).any():
         logger.warning(
             "None of the model's %d genes (e.g. %s) is in the %s table (genes e.g. %s): its layer %r is all NaN. "
             "The predictions are in cells.obsm[%r] and the returned arrays.",
@@ -131,23 +198,23 @@ def write_predictions(
             key_added,
             obsm_key,
         )
-    log_units = state.transform.to_log1p(z)
-    counts_units = state.transform.to_counts(z)
-    out = {
-        "units": write_units_layer(
+    log_bags = state.transform.to_log1p(z)
+    counts_bags = state.transform.to_counts(z)
+    out: dict[str, np.ndarray] = {}
+    if units is not None:
+        out["units"] = write_units_layer(
             units,
-            bags.bag_ids,
+            bags.bag_ids[is_unit],
             genes,
-            log_units,
+            log_bags[is_unit],
             key_added=key_added,
             provenance=provenance,
-            n_cells=bags.n_cells,
+            n_cells=bags.n_cells[is_unit],
             overwrite=overwrite,
         )
-    }
 
-    # cells: pseudo single-cell expression in count space (Eq. 10), chunk by chunk so that no further
-    # cells x genes temporaries (float64 products, a NaN-padded copy) are held at once
+    # cells: each cell's share of its bag's counts (cells of a unit sum to it), chunk by chunk so that no
+    # further cells x genes temporaries (float64 products, a NaN-padded copy) are held at once
     n_all = cells.n_obs
     if cells.n_vars == 0:
         new = ad.AnnData(
@@ -162,28 +229,35 @@ def write_predictions(
         sdata.tables[cells_key] = new
         cells = new
     cell_layer = np.full((n_all, cells.n_vars), np.nan, dtype=np.float32)
-    normed = np.full((n_all, len(genes)), np.nan, dtype=np.float32)  # NaN outside every bag
+    normed = np.full((n_all, len(genes)), np.nan, dtype=np.float32)
     ccols = cells.var_names.get_indexer(genes)
     chave = ccols >= 0
     bag_of_cell = np.repeat(np.arange(bags.n_bags), bags.n_cells)
     for start in range(0, len(bags.cell_obs), PREDICT_CHUNK):
         part = slice(start, start + PREDICT_CHUNK)
         rows = bags.cell_obs[part]
-        pseudo = (attn[part] * counts_units[bag_of_cell[part]]).astype(np.float32)  # (n, G)
+        pseudo = (attn[part] * counts_bags[bag_of_cell[part]]).astype(np.float32)  # (n, G)
         lib = np.nansum(pseudo, axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             normed[rows] = np.log1p(np.where(lib > 0, pseudo / lib * 1e4, np.nan))
         cell_layer[np.ix_(rows, ccols[chave])] = np.log1p(pseudo[:, chave])
     cells.layers[key_added] = cell_layer
     cells.obsm[obsm_key] = normed
-    in_bag = np.zeros(n_all, dtype=bool)
-    in_bag[bags.cell_obs] = True
-    cells.obs[f"{key_added}_in_bag"] = in_bag
+    in_unit = np.zeros(n_all, dtype=bool)
+    in_unit[bags.cell_obs[np.repeat(is_unit, bags.n_cells)]] = True
+    cells.obs[f"{key_added}_in_bag"] = in_unit
     cells.uns[key_added] = {**provenance, "genes": genes, "obsm_key": obsm_key}
     out["cells"] = cell_layer
     out.update(
         level.write(
-            sdata, counts_units, genes, setup, key_added=key_added, provenance=provenance, overwrite=overwrite
+            sdata,
+            counts_bags,
+            is_unit,
+            genes,
+            setup,
+            key_added=key_added,
+            provenance=provenance,
+            overwrite=overwrite,
         )
     )
     return out

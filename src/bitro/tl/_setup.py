@@ -284,6 +284,17 @@ def prepare(
         phenotypes=phenotypes,
         transform=data.transform,
         encoder=encoder,
+        bag_size_um=get_scale(sdatas[0]).get(K.SPOT_DIAMETER_UM),
         train_slides=[str(n) for n in bags.slide_names],
     )
     return state, data
+
+
+def initial_log_counts(data: TrainingSet) -> np.ndarray:
+    """``(G,)`` log expected counts of one cell of an average bag (starts a count head near the data)."""
+    bags = data.bags
+    per_bag = data.transform.to_counts(bags.targets).mean(axis=0) if bags.targets is not None else None
+    if per_bag is None:
+        per_bag = np.expm1(data.transform.mean)
+    cells = max(float(bags.n_cells.mean()), 1.0)
+    return np.log(np.maximum(per_bag / cells, 1e-6)).astype(np.float32)

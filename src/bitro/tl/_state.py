@@ -64,6 +64,9 @@ class ModelState:
         :class:`~bitro.tl.TargetTransform` (per-gene target statistics).
     encoder
         Provenance of the cell embedding the model was trained on (encoder, mode, dim, checkpoint hash).
+    bag_size_um
+        Diameter (or side) of the training bags in µm; cells outside every unit of a slide are
+        predicted in square bins of this size when the slide records none.
     train_slides
         Names of the training slides.
     train
@@ -87,6 +90,7 @@ class ModelState:
     phenotypes: Any = field(default=None, metadata=_parts("arrays", "phenotypes"))
     transform: Any = field(default=None, metadata=_parts("arrays", "target"))
     encoder: dict[str, Any] = field(default_factory=dict, metadata=_JSON)
+    bag_size_um: float | None = field(default=None, metadata=_JSON)
     train_slides: list[str] = field(default_factory=list, metadata=_JSON)
     train: dict[str, Any] = field(default_factory=dict, metadata=_JSON)
     history: dict[str, list[float]] = field(

@@ -104,6 +104,17 @@ class TargetTransform:
         std = torch.as_tensor(self.std, dtype=z.dtype, device=z.device)
         return torch.clamp(torch.expm1(z * std + mean), min=0.0)
 
+    def encode_torch(self, counts: Any) -> Any:
+        """Counts → z-scores on a torch tensor, differentiably (the values of :meth:`encode`)."""
+        import torch
+
+        if self.scale == "library_size":
+            total = counts.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            counts = counts / total * self.target_sum
+        mean = torch.as_tensor(self.mean, dtype=counts.dtype, device=counts.device)
+        std = torch.as_tensor(self.std, dtype=counts.dtype, device=counts.device)
+        return (torch.log1p(counts) - mean) / std
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Arrays to store in safetensors."""
         return {"target_mean": self.mean.astype(np.float64), "target_std": self.std.astype(np.float64)}
