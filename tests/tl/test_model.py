@@ -178,14 +178,24 @@ def test_baselines_share_predict_path(kind, toy_slides):
 
 
 @pytest.mark.parametrize("kind", ["ridge", "depth"])
-def test_baselines_do_not_extrapolate_outliers(kind, toy_slides):
-    model = bt.tl.fit(toy_slides[:2], genes=GENES, model=kind, seed=0)
-    test = light_copy(toy_slides[2])
-    test["cells"].obsm["X_bitro"] = test["cells"].obsm["X_bitro"] * 1e4  # absurd features
-    model.predict(test, key_added="base")
-    layer = test["spots"].layers["base"]
-    train_max = max(np.log1p(s["spots"].layers["counts"]).max() for s in toy_slides[:2])
-    assert np.isfinite(layer).all() and layer.max() <= train_max + 1e-4  # clipped to the training range
+def test_baselines_extrapolate_without_clip_and_without_overflow(kind, toy_slides):
+    """Shifted features move the prediction beyond the training range (no collapse to a clip) and
+    absurd ones stay finite (the overflow guard), also through evaluate's count-space metrics."""
+    model = bt.tl.fit(toy_slides[:2], genes=GENES, model=kind, seed=0, target="raw")
+    train_max = max(np.log1p(s["spots"].layers["counts"].toarray()).max() for s in toy_slides[:2])
+    shifted = light_copy(toy_slides[2])
+    x = shifted["cells"].obsm["X_bitro"]
+    shifted["cells"].obsm["X_bitro"] = x + 3 * (x - x.mean(axis=0))  # a strong shift, same direction
+    model.predict(shifted, key_added="base")
+    layer = shifted["spots"].layers["base"]
+    assert np.isfinite(layer).all() and layer.std(axis=0).min() > 0  # not constant
+    absurd = light_copy(toy_slides[2])
+    absurd["cells"].obsm["X_bitro"] = x * 1e4
+    model.predict(absurd, key_added="base")
+    layer = absurd["spots"].layers["base"]
+    assert np.isfinite(layer).all() and layer.max() > train_max  # beyond the training range: not clipped
+    res = bt.tl.evaluate(absurd, layer="base", normalize="both", inplace=False)
+    assert np.isfinite(res["value"]).all()
 
 
 def test_target_library_size(toy_slides):

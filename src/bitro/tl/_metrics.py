@@ -33,6 +33,7 @@ from bitro.tl._metric_fns import (
     pcc_gene_top,
     pcc_overall,
 )
+from bitro.tl._targets import MAX_LOG1P
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -83,6 +84,11 @@ def _dense(adata: ad.AnnData, layer: str | None) -> np.ndarray:
 def _pred_scale(adata: ad.AnnData, layer: str) -> str:
     meta = adata.uns.get(layer)
     return str(meta.get("target_scale", "raw")) if isinstance(meta, dict) else "raw"
+
+
+def _counts(log1p: np.ndarray) -> np.ndarray:
+    """log1p values → counts (non-negative; log1p capped at ``MAX_LOG1P`` against overflow)."""
+    return np.clip(np.expm1(np.minimum(log1p, MAX_LOG1P)), 0.0, None)
 
 
 def _normalise_log(counts: np.ndarray, target_sum: float) -> np.ndarray:
@@ -170,7 +176,7 @@ def _score_scale(
     results.update({"mse": mse(o, p), "mae": mae(o, p)})
     if n_genes >= 2:
         results["pcc_overall"] = pcc_overall(o, p)
-        results["js"] = js_divergence(np.clip(np.expm1(o), 0.0, None), np.clip(np.expm1(p), 0.0, None))
+        results["js"] = js_divergence(_counts(o), _counts(p))
     else:
         logger.warning("evaluate: only one gene scored; PCC_overall and JS need at least 2 genes.")
     rows = [
@@ -248,7 +254,7 @@ def _evaluate_table(
                     (~ok).sum(),
                 )
             o_log = _normalise_log(o_all[ok], target_sum)[:, keep]
-            p_log = _normalise_log(np.clip(np.expm1(p_all[ok]), 0.0, None), target_sum)[:, keep]
+            p_log = _normalise_log(_counts(p_all[ok]), target_sum)[:, keep]
         r, per_gene[s], per_unit[s] = _score_scale(o_log, p_log, s)
         unit_rows[s] = np.flatnonzero(rows)[ok]
         raw_rows += r

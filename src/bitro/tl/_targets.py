@@ -10,6 +10,9 @@ import numpy as np
 Scale = Literal["raw", "library_size"]
 SCALES = ("raw", "library_size")
 MIN_STD = 1e-3
+#: Largest log1p value turned back into counts (e^20 ≈ 5·10^8 molecules in one unit): a numeric guard
+#: against overflow of ``expm1`` for wildly extrapolated predictions, far outside any real spot.
+MAX_LOG1P = 20.0
 
 
 def dense(x: Any) -> np.ndarray:
@@ -93,8 +96,8 @@ class TargetTransform:
         return np.maximum(np.asarray(z, dtype=np.float64) * self.std + self.mean, 0.0)
 
     def to_counts(self, z: np.ndarray) -> np.ndarray:
-        """z-scores → expression in count space (``expm1``; non-negative)."""
-        return np.clip(np.expm1(self.to_log1p(z)), 0.0, None)
+        """z-scores → expression in count space (``expm1``; non-negative; log1p capped at :data:`MAX_LOG1P`)."""
+        return np.clip(np.expm1(np.minimum(self.to_log1p(z), MAX_LOG1P)), 0.0, None)
 
     def to_counts_torch(self, z: Any) -> Any:
         """z-scores → count space on a torch tensor, differentiably (the values of :meth:`to_counts`)."""
