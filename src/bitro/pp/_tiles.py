@@ -1,9 +1,12 @@
 """Tiling of a large image with overlap, and reading of one box as an RGB array.
 
-A grid of non-overlapping *core* squares of ``tile_size`` pixels covers the image; each tile is
-read with ``overlap`` extra pixels on every side (clipped to the image). Work done on the read box
-keeps only what belongs to the core (e.g. objects whose centroid lies in it), so every object is
-kept exactly once provided ``overlap`` exceeds the largest object's diameter.
+The one tiling system of ``bt.pp`` (segmentation and embedding both use it, through
+:mod:`bitro.pp._runner`). A grid of non-overlapping *core* squares of ``tile_size`` pixels covers the
+image; each tile is read with ``overlap`` extra pixels on every side (clipped to the image). Work
+done on the read box keeps only what belongs to the core (e.g. objects whose centroid lies in it),
+so every object is kept exactly once provided ``overlap`` exceeds the largest object's diameter.
+A point belongs to the core that holds its nearest pixel (:meth:`Tile.in_core`,
+:func:`group_points`).
 
 All boxes are level-0 pixel index ranges ``[y0, y1) × [x0, x1)``; a pixel's centre sits at its
 integer index (x = column, y = row), the convention of ``obsm["spatial"]``.
@@ -110,6 +113,40 @@ def tile_grid(shape_yx: tuple[int, int], *, tile_size: int, overlap: int = 0) ->
                 )
             )
     return tiles
+
+
+def group_points(
+    xy: np.ndarray, shape_yx: tuple[int, int], *, tile_size: int
+) -> list[tuple[int, np.ndarray]]:
+    """Points grouped by the core of :func:`tile_grid` that owns them.
+
+    Ownership is that of :meth:`Tile.in_core` (the point's nearest pixel lies in the core); points
+    outside the image go to the nearest core, so every point is in exactly one group.
+
+    Parameters
+    ----------
+    xy
+        ``(n, 2)`` points, x (column) then y (row), in pixels of the tiled image.
+    shape_yx
+        Image height and width in pixels.
+    tile_size
+        Side of the core squares (as in :func:`tile_grid`).
+
+    Returns
+    -------
+    ``(tile index, point indices)`` for every core that owns at least one point, in the row-major
+    order of :func:`tile_grid`; the indices of each group are increasing.
+    """
+    height, width = (int(v) for v in shape_yx)
+    tile_size = int(tile_size)
+    n_ty, n_tx = max(1, math.ceil(height / tile_size)), max(1, math.ceil(width / tile_size))
+    pixel = np.floor(np.asarray(xy, dtype=np.float64).reshape(-1, 2) + 0.5)
+    tx = np.clip(pixel[:, 0] // tile_size, 0, n_tx - 1).astype(np.int64)
+    ty = np.clip(pixel[:, 1] // tile_size, 0, n_ty - 1).astype(np.int64)
+    key = ty * n_tx + tx
+    order = np.argsort(key, kind="stable")
+    tiles, starts = np.unique(key[order], return_index=True)
+    return list(zip((int(t) for t in tiles), np.split(order, starts[1:]), strict=True)) if len(order) else []
 
 
 def read_box(image: Any, box: tuple[int, int, int, int], *, fill: int = 255) -> np.ndarray:
