@@ -39,6 +39,12 @@ SPOT_SPACING_UM = "spot_spacing_um"
 
 SHAPES_SUFFIX = "_shapes"
 
+# Default methods chosen by the benchmarks (docs/benchmarks.md)
+#: Stain normalisation of bt.pp.normalize_stains, run_pipeline and ``bitro preprocess --stain``: the
+#: method every accuracy/pipeline benchmark preprocesses with (benchmarks/_common.py PREPROCESS), and the
+#: closest to tiatoolbox and 16x faster than Vahadane in the stain benchmark.
+STAIN_METHOD = "macenko"
+
 
 def shapes_key(table_key: str) -> str:
     """Name of the shapes element linked to table ``table_key``.

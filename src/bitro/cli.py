@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from bitro import _keys as K
 from bitro._logging import logger
 from bitro._version import __version__
 
@@ -135,9 +136,9 @@ def _add_preprocess(sub, parent) -> None:
     p.add_argument("--bulk", metavar="CSV", help="wsi: gene → TPM table of the slide's bulk RNA profile")
     p.add_argument(
         "--stain",
-        choices=("vahadane", "macenko", "reinhard", "none"),
-        default="vahadane",
-        help="stain method",
+        choices=("macenko", "vahadane", "reinhard", "none"),
+        default=K.STAIN_METHOD,
+        help=f"stain normalisation method, or 'none' (default: {K.STAIN_METHOD}, the benchmarks' method)",
     )
     p.add_argument(
         "--segment", default="watershed", help="segmentation method, or 'none' to keep the input's cells"

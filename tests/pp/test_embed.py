@@ -189,7 +189,7 @@ def test_module_tile_mode_is_deterministic_and_local(small_sdata):
 
 
 def test_window_pooling_interpolates_a_linear_map():
-    from bitro.pp._embed import _pool_windows
+    from bitro.pp._embed_tasks import pool_windows as _pool_windows
 
     stride, gw = 8, 10
     fmap = np.broadcast_to(np.arange(gw, dtype=float), (2, 6, gw)).copy()  # value = cell column

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bitro as bt
-from bitro.pp import _embed, _scratch
+from bitro.pp import _embed_tasks, _scratch
 
 TILE = 128  # the 400 x 400 px slide has 4 x 4 = 16 tile cores
 
@@ -131,7 +131,7 @@ def test_resume_after_a_crash_in_a_tile(segmented, tmp_path, monkeypatch):
     """A tile that raises stops the run; the tiles written before it are reused by the rerun."""
     ref = _copy(segmented)
     bt.pp.embed_cells(ref, **_kwargs("morphology"))
-    real = _embed._morphology_features
+    real = _embed_tasks.morphology_features
     calls = []
 
     def crashes_on_the_fourth(tile, item, enc):
@@ -140,14 +140,14 @@ def test_resume_after_a_crash_in_a_tile(segmented, tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(tile, item, enc)
 
-    monkeypatch.setattr(_embed, "_morphology_features", crashes_on_the_fourth)
+    monkeypatch.setattr(_embed_tasks, "morphology_features", crashes_on_the_fourth)
     scratch = tmp_path / "embed"
     crashed = _copy(segmented)
     with pytest.raises(RuntimeError, match="killed"):
         bt.pp.embed_cells(crashed, scratch_dir=scratch, **_kwargs("morphology"))
     assert "X_bitro" not in crashed.tables["cells"].obsm and len(_files(scratch)) == 3
     counted = []
-    monkeypatch.setattr(_embed, "_morphology_features", lambda *a: counted.append(1) or real(*a))
+    monkeypatch.setattr(_embed_tasks, "morphology_features", lambda *a: counted.append(1) or real(*a))
     out = _copy(segmented)
     bt.pp.embed_cells(out, scratch_dir=scratch, keep_scratch=True, **_kwargs("morphology"))
     assert len(counted) == len(_files(scratch)) - 3 > 0  # only the tiles not written before the crash
@@ -225,7 +225,7 @@ def test_disk_full_names_the_fix(segmented, tmp_path, monkeypatch):
 def test_skipped_tiles_are_retried_by_the_rerun(segmented, tmp_path, monkeypatch):
     ref = _copy(segmented)
     bt.pp.embed_cells(ref, **_kwargs("morphology"))
-    real = _embed._morphology_features
+    real = _embed_tasks.morphology_features
     calls = []
 
     def second_fails(tile, item, enc):
@@ -234,7 +234,7 @@ def test_skipped_tiles_are_retried_by_the_rerun(segmented, tmp_path, monkeypatch
             raise RuntimeError("bad tile")
         return real(tile, item, enc)
 
-    monkeypatch.setattr(_embed, "_morphology_features", second_fails)
+    monkeypatch.setattr(_embed_tasks, "morphology_features", second_fails)
     scratch = tmp_path / "embed"
     first = _copy(segmented)
     bt.pp.embed_cells(first, scratch_dir=scratch, keep_scratch=True, on_error="skip", **_kwargs("morphology"))
@@ -262,7 +262,7 @@ def test_plain_dask_writes_the_same_scratch(segmented, tmp_path):
 
 def test_skipped_first_tile_same_with_and_without_scratch(segmented, tmp_path, monkeypatch):
     """The output is allocated at the first result that arrives; a skipped first tile keeps zeros."""
-    real = _embed._tile_features
+    real = _embed_tasks.tile_features
     calls = []
 
     def first_fails(tile, item, enc):
@@ -271,7 +271,7 @@ def test_skipped_first_tile_same_with_and_without_scratch(segmented, tmp_path, m
             raise RuntimeError("bad tile")
         return real(tile, item, enc)
 
-    monkeypatch.setattr(_embed, "_tile_features", first_fails)
+    monkeypatch.setattr(_embed_tasks, "tile_features", first_fails)
     plain = _copy(segmented)
     bt.pp.embed_cells(plain, on_error="skip", **_kwargs("tile"))
     calls.clear()

@@ -156,9 +156,11 @@ def corrupt_slide(monkeypatch):
 
 def test_corrupt_chunk_raises_naming_image_and_tile(corrupt_slide):
     # the last tile (core [400, 600)²) is read with overlap: its box is in the message
-    match = r"tile 8 \(box \(y0, x0, y1, x1\) = \(3\d\d, 3\d\d, 600, 600\)\) of image 'he'.*corrupt chunk.*'skip'"
+    match = (
+        r"tile 8 \(box \(y0, x0, y1, x1\) = \(3\d\d, 3\d\d, 600, 600\)\) of image 'he'.*corrupt chunk.*'skip'"
+    )
     with pytest.raises(RuntimeError, match=match):
-        bt.pp.segment_cells(corrupt_slide, tile_size=TILE, threshold=THRESHOLD)
+        bt.pp.segment_cells(corrupt_slide, tile_size=TILE, method_kwargs={"threshold": THRESHOLD})
     assert "cells" not in corrupt_slide.tables
 
 
@@ -166,14 +168,18 @@ def test_corrupt_chunk_raises_naming_image_and_tile(corrupt_slide):
 def clean():
     """The uncorrupted slide segmented with the fixed threshold (module scope: set up before the patch)."""
     sdata = _slide()
-    bt.pp.segment_cells(sdata, tile_size=TILE, threshold=THRESHOLD)
+    bt.pp.segment_cells(sdata, tile_size=TILE, method_kwargs={"threshold": THRESHOLD})
     return sdata
 
 
 @pytest.mark.parametrize("scheduler", [None, "threads"])
 def test_corrupt_chunk_skip_records_tiles(clean, corrupt_slide, scheduler):
     bt.pp.segment_cells(
-        corrupt_slide, tile_size=TILE, threshold=THRESHOLD, on_error="skip", scheduler=scheduler
+        corrupt_slide,
+        tile_size=TILE,
+        method_kwargs={"threshold": THRESHOLD},
+        on_error="skip",
+        scheduler=scheduler,
     )
     skipped = corrupt_slide["cells"].uns["cells"]["skipped_tiles"]
     ov = corrupt_slide["cells"].uns["cells"]["overlap_px"]
@@ -194,16 +200,20 @@ def test_embed_skip_leaves_zero_features_and_records_tiles(clean, monkeypatch):
     import bitro.pp._embed as emb
 
     sdata = _slide()
-    bt.pp.segment_cells(sdata, tile_size=TILE, threshold=THRESHOLD)
+    bt.pp.segment_cells(sdata, tile_size=TILE, method_kwargs={"threshold": THRESHOLD})
     real = emb.get_image
     monkeypatch.setattr(
-        emb, "get_image", lambda sd, key, **kw: xr.DataArray(_corrupt(real(sd, key, **kw).data), dims=("c", "y", "x"))
+        emb,
+        "get_image",
+        lambda sd, key, **kw: xr.DataArray(_corrupt(real(sd, key, **kw).data), dims=("c", "y", "x")),
     )
     with pytest.raises(RuntimeError, match="of image 'he'"):
         bt.pp.embed_cells(sdata, encoder="morphology", tile_size=TILE)
     bt.pp.embed_cells(sdata, encoder="morphology", tile_size=TILE, on_error="skip", scheduler="threads")
     skipped = sdata["cells"].uns["X_bitro"]["skipped_tiles"]
-    assert len(skipped) >= 1 and all(b[2] > 500 and b[3] > 500 for b in skipped)  # boxes reaching the bad chunk
+    assert len(skipped) >= 1 and all(
+        b[2] > 500 and b[3] > 500 for b in skipped
+    )  # boxes reaching the bad chunk
     feats = sdata["cells"].obsm["X_bitro"]
     n_masks = feats.shape[1] - 3  # the last columns are neighbour densities (computed without pixels)
     zero = (feats[:, :n_masks] == 0).all(axis=1)
@@ -243,7 +253,9 @@ def test_map_tiles_order_padding_and_function_errors():
     with pytest.raises(ZeroDivisionError) as info:
         map_tiles(_fail_on_tile_2, list(range(4)), img, boxes=[(0, 0, 10, 10)] * 4, image_name="x")
     assert "tile 2" in "".join(info.value.__notes__)
-    res, skipped = map_tiles(_fail_on_tile_2, list(range(4)), img, boxes=[(0, 0, 10, 10)] * 4, on_error="skip")
+    res, skipped = map_tiles(
+        _fail_on_tile_2, list(range(4)), img, boxes=[(0, 0, 10, 10)] * 4, on_error="skip"
+    )
     assert res == [0, 1, None, 3] and skipped == [[0, 0, 10, 10]]
 
 

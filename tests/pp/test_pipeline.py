@@ -202,8 +202,7 @@ def test_a_rerun_with_other_parameters_refuses_stale_slides(slides, tmp_path):
 
 
 def test_scratch_dir_resumes_a_slide_mid_way_with_the_same_outputs(reference, slides, tmp_path, monkeypatch):
-    from bitro.pp import _embed
-    from bitro.pp import _segment as seg
+    from bitro.pp import _embed_tasks, _watershed
 
     ref, _ = reference
     scratch = tmp_path / "scratch"
@@ -221,9 +220,11 @@ def test_scratch_dir_resumes_a_slide_mid_way_with_the_same_outputs(reference, sl
     assert len(list((scratch / "s0" / "embed").glob("tile_*.npz"))) > 0
 
     calls = []
-    segment_tile, features = seg.segment_tile, _embed._morphology_features
-    monkeypatch.setattr(seg, "segment_tile", lambda *a, **k: calls.append("segment") or segment_tile(*a, **k))
-    monkeypatch.setattr(_embed, "_morphology_features", lambda *a: calls.append("embed") or features(*a))
+    segment_tile, features = _watershed.segment_tile, _embed_tasks.morphology_features
+    monkeypatch.setattr(
+        _watershed, "segment_tile", lambda *a, **k: calls.append("segment") or segment_tile(*a, **k)
+    )
+    monkeypatch.setattr(_embed_tasks, "morphology_features", lambda *a: calls.append("embed") or features(*a))
     report = bt.pp.run_pipeline([slides["s0"]], out=out, scratch_dir=scratch, **FAST)
     assert report.loc[0, "status"] == "done"
     assert calls == []  # segmentation and embedding were read back, not recomputed

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import bitro as bt
-from bitro.pp import _scratch
-from bitro.pp import _segment as seg
+from bitro.pp import _scratch, _watershed
 
 PINK = np.array([236, 186, 206], dtype=float)
 PURPLE = np.array([92, 52, 138], dtype=float)
@@ -22,7 +21,9 @@ def _image(seed=0):
     rng = np.random.default_rng(seed)
     h, w = 160, 240
     ys, xs = np.arange(12, h - 8, 30), np.arange(12, w - 8, 30)
-    centres = np.array([(x, y) for y in ys for x in xs], dtype=float) + rng.uniform(-3, 3, (len(xs) * len(ys), 2))
+    centres = np.array([(x, y) for y in ys for x in xs], dtype=float) + rng.uniform(
+        -3, 3, (len(xs) * len(ys), 2)
+    )
     yy, xx = np.mgrid[0:h, 0:w]
     inside = np.zeros((h, w), dtype=bool)
     for x, y in centres:
@@ -59,13 +60,13 @@ def reference(rgb):
 def counter(monkeypatch):
     """Counts the tiles segmented (calls of the per-tile watershed) in this process."""
     calls = []
-    original = seg.segment_tile
+    original = _watershed.segment_tile
 
     def counting(rgb, *args, **kwargs):
         calls.append(rgb.shape)
         return original(rgb, *args, **kwargs)
 
-    monkeypatch.setattr(seg, "segment_tile", counting)
+    monkeypatch.setattr(_watershed, "segment_tile", counting)
     return calls
 
 
@@ -101,7 +102,9 @@ def test_scratch_equals_memory_and_files(rgb, reference, tmp_path, counter):
     assert "tile_64_128.parquet" in _tiles(scratch)
     assert not list(scratch.glob("*.tmp"))
     manifest = json.loads((scratch / "manifest.json").read_text())
-    assert manifest["tile_size"] == TILE and manifest["image_key"] == "he" and manifest["method"] == "watershed"
+    assert (
+        manifest["tile_size"] == TILE and manifest["image_key"] == "he" and manifest["method"] == "watershed"
+    )
     import geopandas as gpd
 
     part = gpd.read_parquet(scratch / "tile_64_64.parquet")
@@ -141,7 +144,7 @@ def test_mismatched_parameters_raise(rgb, tmp_path, counter):
     _run(rgb, scratch, keep_scratch=True)
     counter.clear()
     with pytest.raises(ValueError, match=r"different parameters.*threshold.*another scratch_dir"):
-        _run(rgb, scratch, threshold=0.05)
+        _run(rgb, scratch, method_kwargs={"threshold": 0.05})
     with pytest.raises(ValueError, match=r"tile_size"):
         bt.pp.segment_cells(_sdata(rgb), tile_size=2 * TILE, seed=0, scratch_dir=scratch)
     assert counter == []
@@ -203,7 +206,9 @@ def test_plain_dask_and_distributed_write_scratch(rgb, reference, tmp_path):
     _assert_same(_run(rgb, tmp_path / "threads", scheduler="threads", keep_scratch=True), reference)
     assert len(_tiles(tmp_path / "threads")) == 12
     with (
-        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cl,
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cl,
         distributed.Client(cl) as client,
     ):
         out = _run(rgb, tmp_path / "cluster", client=client, keep_scratch=True)

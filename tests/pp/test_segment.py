@@ -218,8 +218,8 @@ def test_bad_inputs(scene):
         bt.pp.segment_cells(sdata, image_key="nope")
     with pytest.raises(ValueError, match="Unknown segmentation method"):
         bt.pp.segment_cells(sdata, method="magic")
-    for backend in ("stardist", "cellpose"):
-        with pytest.raises((ImportError, ValueError), match="callable"):
+    for backend in ("stardist", "cellpose"):  # the package is missing, or no local weights were given
+        with pytest.raises((ImportError, ValueError), match=f"(pip install {backend}|needs local weights)"):
             bt.pp.segment_cells(sdata, method=backend)
     with pytest.raises(ValueError, match="overlap_um"):
         bt.pp.segment_cells(sdata, overlap_um=5.0)
@@ -363,7 +363,7 @@ def test_threshold_sample_ignores_glass(rng):
     from spatialdata.transformations import Scale
 
     from bitro.io._build import get_image
-    from bitro.pp._segment import _slide_threshold
+    from bitro.pp._segmenters import slide_threshold as _slide_threshold
     from bitro.pp._watershed import WatershedParams
 
     tissue = draw_nuclei((1024, 1024), grid_centres((1024, 1024), 30, 15, rng), 7, rng)
@@ -385,3 +385,63 @@ def test_threshold_sample_ignores_glass(rng):
     glass_too = _slide_threshold(data[:, :1024, :2048], (1024, 2048), 0.5, params, None, 0)
     assert with_mask == pytest.approx(alone, rel=0.02)
     assert abs(glass_too - alone) > 0.05 * alone  # without the mask, glass pulls the cut away
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the default path: the tissue mask is built when missing; inplace=False
+# ----------------------------------------------------------------------------------------------------------
+def _half_tissue(rng):
+    """512 x 1024 px (mpp 0.5): nuclei on pink stroma in the left half, glass in the right half."""
+    tissue = draw_nuclei((512, 512), grid_centres((512, 512), 32, 16, rng), 7, rng)
+    glass = np.clip(245 + rng.normal(0, 2, (512, 512, 3)), 0, 255).astype(np.uint8)
+    return np.concatenate([tissue, glass], axis=1)
+
+
+def test_builds_the_tissue_mask_when_missing(rng, caplog):
+    import bitro as bt
+
+    rgb = _half_tissue(rng)
+    sdata = make_sdata(rgb)
+    with caplog.at_level(logging.INFO, logger="bitro"):
+        bt.pp.segment_cells(sdata, tile_size=256)
+    assert "building it with bt.pp.detect_tissue" in caplog.text
+    mask = np.asarray(sdata.labels["tissue"].data)
+    half = mask.shape[1] // 2  # 16 level-0 px per mask px
+    assert mask[:, :half].mean() > 0.9 and not mask[:, half + 2 :].any()
+    assert sdata.attrs["bitro_tissue"]["tissue"]["image_key"] == "he"
+    uns = sdata.tables["cells"].uns["cells"]
+    # of the 2 x 4 tiles, those whose read box (core + overlap) reaches the tissue: the left three columns
+    assert uns["tissue_key"] == "tissue" and uns["n_tiles"] == 8 and uns["n_tiles_processed"] == 6
+    assert (sdata.tables["cells"].obsm["spatial"][:, 0] < 512).all()
+    n_masked = sdata.tables["cells"].n_obs
+    everything = make_sdata(rgb)
+    bt.pp.segment_cells(everything, tile_size=256, tissue_key=None)
+    assert everything.tables["cells"].uns["cells"]["n_tiles_processed"] == 8
+    assert everything.tables["cells"].n_obs >= n_masked > 200
+
+
+def test_empty_built_mask_segments_everything_with_a_warning(rng, caplog):
+    import bitro as bt
+
+    sdata = make_sdata(draw_nuclei((60, 200), [(170, 20)], 7, rng))  # smaller than any tissue piece
+    with caplog.at_level(logging.WARNING, logger="bitro"):
+        bt.pp.segment_cells(sdata)
+    assert "the tissue mask built by detect_tissue on 'he' is empty" in caplog.text
+    assert "tissue" not in sdata.labels and "tissue" not in sdata.attrs.get("bitro_tissue", {})
+    assert _cells(sdata).n_obs == 1 and _cells(sdata).uns["cells"]["tissue_key"] is None
+
+
+def test_inplace_false_returns_the_elements_and_writes_nothing(rng):
+    import bitro as bt
+
+    rgb = _half_tissue(rng)
+    written = make_sdata(rgb)
+    bt.pp.segment_cells(written, tile_size=256)
+    fresh = make_sdata(rgb)
+    table, shapes = bt.pp.segment_cells(fresh, tile_size=256, inplace=False)
+    assert set(fresh.tables) == set() and set(fresh.shapes) == set() and set(fresh.labels) == set()
+    np.testing.assert_array_equal(table.obsm["spatial"], written.tables["cells"].obsm["spatial"])
+    assert [g.wkb for g in shapes.geometry] == [g.wkb for g in written.shapes["cells_shapes"].geometry]
+    # with inplace=False an existing table is no obstacle (nothing is replaced)
+    table2, _ = bt.pp.segment_cells(written, tile_size=256, inplace=False)
+    assert table2.n_obs == table.n_obs

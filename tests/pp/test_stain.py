@@ -139,7 +139,7 @@ def test_normalize_writes_lazy_multiscale_element_with_provenance():
     img = beer_lambert(H_TRUE, E_TRUE, size=200, seed=7)
     sdata = sdata_of(img, chunks=64, scale_factors=[2])
     before = to_hwc(sdata, "he").copy()
-    bt.pp.normalize_stains(sdata, seed=3)  # default reference, vahadane
+    bt.pp.normalize_stains(sdata, seed=3)  # default method (macenko) and reference
     assert image_levels(sdata, "he_normalized") == image_levels(sdata, "he")
     level0 = get_image(sdata, "he_normalized")
     assert level0.dtype == np.uint8
@@ -152,8 +152,8 @@ def test_normalize_writes_lazy_multiscale_element_with_provenance():
     )
     np.testing.assert_array_equal(to_hwc(sdata, "he"), before)
     record = sdata.attrs["bitro_stain"]["he_normalized"]
-    assert record["method"] == "vahadane" and record["seed"] == 3
-    default = _stain.default_reference("vahadane")
+    assert record["method"] == "macenko" and record["seed"] == 3
+    default = _stain.default_reference("macenko")
     np.testing.assert_allclose(record["reference"]["stain_matrix"], default.stain_matrix)
     assert np.all(_cos(record["source"]["stain_matrix"], np.stack([H_TRUE, E_TRUE])) > 0.99)
     # the output carries the default reference's stains

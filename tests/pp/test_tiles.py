@@ -56,3 +56,26 @@ def test_read_box_dask_and_padding(rng):
         read_box(arr, (5, 5, 5, 10))
     with pytest.raises(ValueError, match="RGB"):
         read_box(arr[:1], (0, 0, 5, 5))
+
+
+def test_group_points_partitions_by_core_and_keeps_outside_points(rng):
+    from bitro.pp._tiles import group_points
+
+    shape = (90, 130)
+    tiles = tile_grid(shape, tile_size=32)  # a 3 x 5 grid
+    pts = rng.uniform(0, [130, 90], size=(400, 2))
+    pts[:4] = [[32.0, 10], [31.99, 10], [-7.0, 95.0], [140.0, -3.0]]  # two at a core edge, two outside
+    groups = group_points(pts, shape, tile_size=32)
+    owner = np.full(len(pts), -1)
+    for t, idx in groups:
+        assert len(idx) and np.all(np.diff(idx) > 0)
+        assert (owner[idx] == -1).all()  # no point in two groups
+        owner[idx] = t
+    assert (owner >= 0).all()
+    assert [t for t, _ in groups] == sorted(t for t, _ in groups)
+    for i in range(4, len(pts)):  # the core containing the point
+        t = tiles[owner[i]]
+        assert t.core_x0 <= pts[i, 0] < t.core_x1 and t.core_y0 <= pts[i, 1] < t.core_y1
+    assert owner[0] == 1 and owner[1] == 0  # the lower edge is inclusive, the upper exclusive
+    assert owner[2] == 10 and owner[3] == 4  # nearest cores of the 3 x 5 grid: bottom-left, top-right
+    assert group_points(np.zeros((0, 2)), shape, tile_size=32) == []

@@ -11,6 +11,8 @@ _EXPORTS = {
     "embed_cells": "._embed",
     "register_encoder": "._encoders",
     "list_encoders": "._encoders",
+    "register_segmenter": "._segmenters",
+    "list_segmenters": "._segmenters",
     "reduce_features": "._reduce",
     "cluster_phenotypes": "._reduce",
     "assign_cells": "._bags",

@@ -21,7 +21,9 @@ from bitro._version import __version__
 
 if TYPE_CHECKING:
     import anndata as ad
+    import geopandas as gpd
     import spatialdata as sd
+    from scipy import sparse
 
 PATCH_ID = "patch_id"
 """``cells.obs`` column written by :func:`make_patches` (the patch each cell lies in)."""
@@ -109,7 +111,8 @@ def assign_cells(
     radius_um: float | None = None,
     key_added: str = K.SPOT_ID,
     overwrite: bool = False,
-) -> None:
+    inplace: bool = True,
+) -> pd.Series | None:
     """Assign each cell to the spot whose disc contains its centroid.
 
     A KD-tree over the spot centres returns, for every cell, the nearest spot centre
@@ -133,10 +136,14 @@ def assign_cells(
         ``cells.obs`` column of the assignment.
     overwrite
         Replace existing ``cells.obs[key_added]`` and ``spots.obs["n_cells"]``.
+    inplace
+        Write into the tables and return ``None``; ``False``: write nothing and return the assignment
+        (see :doc:`/contributing`, "Return values and inplace").
 
     Returns
     -------
-    Nothing; writes
+    ``None`` when ``inplace``, else the assignment as a categorical Series indexed by the cells'
+    ``obs_names`` (``value_counts()`` gives the cells per spot). When ``inplace``, writes
 
     - ``cells.obs[key_added]``: categorical of spot ``obs_names`` (categories: all spots), NaN outside spots.
     - ``spots.obs["n_cells"]``: number of cells per spot (0 for empty spots).
@@ -153,8 +160,9 @@ def assign_cells(
 
     spots = get_table(sdata, spots_key, hint=_SPOTS_HINT)
     cells = get_table(sdata, cells_key, hint=_CELLS_HINT)
-    check_not_exists(key_added, cells.obs, what="obs column", overwrite=overwrite)
-    check_not_exists(N_CELLS, spots.obs, what=f"{spots_key}.obs column", overwrite=overwrite)
+    if inplace:
+        check_not_exists(key_added, cells.obs, what="obs column", overwrite=overwrite)
+        check_not_exists(N_CELLS, spots.obs, what=f"{spots_key}.obs column", overwrite=overwrite)
     mpp = get_mpp(sdata)
     radius_px, r_um, r_source = _spot_radius_px(sdata, spots_key, radius_um, mpp)
     spot_xy, cell_xy = _coords(spots, spots_key), _coords(cells, cells_key)
@@ -168,8 +176,11 @@ def assign_cells(
             raise _mismatch_error(cell_xy, spot_xy, radius_px, r_um)
     inside = codes >= 0
     n_per_spot = np.bincount(codes[inside], minlength=len(spot_xy)).astype(np.int64)
+    spot_ids = pd.Categorical.from_codes(codes, categories=pd.Index(spots.obs_names.astype(str)))
+    if not inplace:
+        return pd.Series(spot_ids, index=cells.obs_names, name=key_added)
 
-    cells.obs[key_added] = pd.Categorical.from_codes(codes, categories=pd.Index(spots.obs_names.astype(str)))
+    cells.obs[key_added] = spot_ids
     spots.obs[N_CELLS] = n_per_spot
     n_out, n_empty = int((~inside).sum()), int((n_per_spot == 0).sum())
     if n_empty:
@@ -199,6 +210,7 @@ def assign_cells(
         "n_empty_spots": n_empty,
         "bitro_version": __version__,
     }
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- patches
@@ -261,7 +273,8 @@ def make_patches(
     key_added: str = K.PATCHES,
     assign: bool = True,
     overwrite: bool = False,
-) -> None:
+    inplace: bool = True,
+) -> tuple[ad.AnnData, gpd.GeoDataFrame, pd.Series | None] | None:
     """Cut the tissue of a slide into spot-sized square patches on a regular grid (bulk bags).
 
     The grid starts at the top-left corner of the tissue and steps by ``size_um``.
@@ -290,10 +303,15 @@ def make_patches(
         Write ``cells.obs["patch_id"]``.
     overwrite
         Replace existing patches (table, shapes) and ``cells.obs["patch_id"]``.
+    inplace
+        Write into ``sdata`` and return ``None``; ``False``: write nothing and return what would be
+        written (see :doc:`/contributing`, "Return values and inplace").
 
     Returns
     -------
-    Nothing; writes
+    ``None`` when ``inplace``, else ``(table, shapes, patch_id)`` with ``patch_id`` the cells'
+    assignment (a categorical Series indexed by their ``obs_names``; ``None`` without cells or
+    ``assign``). When ``inplace``, writes
 
     - shapes ``f"{key_added}_shapes"``: one square polygon per kept patch (level-0 px).
     - table ``key_added``: one row per patch; ``obs``: ``patch_id``, ``row``, ``col``, ``n_cells``,
@@ -325,8 +343,9 @@ def make_patches(
         raise ValueError(msg)
     size_px = float(size_um) / mpp
     shapes_name = K.shapes_key(key_added)
-    check_not_exists(key_added, sdata.tables, what="table", overwrite=overwrite)
-    check_not_exists(shapes_name, sdata.shapes, what="shapes element", overwrite=overwrite)
+    if inplace:
+        check_not_exists(key_added, sdata.tables, what="table", overwrite=overwrite)
+        check_not_exists(shapes_name, sdata.shapes, what="shapes element", overwrite=overwrite)
 
     has_tissue = tissue_key in sdata.labels
     cells = sdata.tables.get(cells_key)
@@ -337,7 +356,7 @@ def make_patches(
             hint=f"make_patches needs a tissue mask {tissue_key!r} (bt.pp.detect_tissue) "
             f"or cells ({_CELLS_HINT[:-1]}).",
         )
-    if cells is not None and assign:
+    if cells is not None and assign and inplace:
         check_not_exists(PATCH_ID, cells.obs, what="obs column", overwrite=overwrite)
     cell_xy = _coords(cells, cells_key) if cells is not None else np.zeros((0, 2))
 
@@ -411,6 +430,15 @@ def make_patches(
     table.uns[K.SCALE] = dict(get_scale(sdata))
     shapes = polygons_element(list(shapely.box(px0, py0, px0 + size_px, py0 + size_px)), ids)
     table = table_element(table, region=shapes_name)
+    patch_ids = None
+    if cells is not None and assign:
+        patch_of_square = np.full(n_rows * n_cols, -1, dtype=np.int64)
+        patch_of_square[prow * n_cols + pcol] = np.arange(len(ids))
+        codes = np.where(flat >= 0, patch_of_square[np.maximum(flat, 0)], -1)
+        patch_ids = pd.Categorical.from_codes(codes, categories=ids)
+    if not inplace:
+        series = None if patch_ids is None else pd.Series(patch_ids, index=cells.obs_names, name=PATCH_ID)
+        return table, shapes, series
 
     if key_added in sdata.tables:
         del sdata.tables[key_added]
@@ -419,15 +447,12 @@ def make_patches(
     sdata.shapes[shapes_name] = shapes
     sdata.tables[key_added] = table
 
-    if cells is not None and assign:
-        patch_of_square = np.full(n_rows * n_cols, -1, dtype=np.int64)
-        patch_of_square[prow * n_cols + pcol] = np.arange(len(ids))
-        codes = np.where(flat >= 0, patch_of_square[np.maximum(flat, 0)], -1)
-        cells.obs[PATCH_ID] = pd.Categorical.from_codes(codes, categories=ids)
+    if patch_ids is not None:
+        cells.obs[PATCH_ID] = patch_ids
         cells.uns[PATCH_ID] = {
             "params": {"patches_key": key_added, **params},
-            "n_assigned": int((codes >= 0).sum()),
-            "n_unassigned": int((codes < 0).sum()),
+            "n_assigned": int((patch_ids.codes >= 0).sum()),
+            "n_unassigned": int((patch_ids.codes < 0).sum()),
             "bitro_version": __version__,
         }
     logger.info(
@@ -533,7 +558,8 @@ def cell_graph(
     k: int = 8,
     key_added: str = K.SPATIAL,
     overwrite: bool = False,
-) -> None:
+    inplace: bool = True,
+) -> tuple[sparse.csr_matrix, sparse.csr_matrix] | None:
     """Build a kNN graph on cell centroids within each bag (paper §3.3).
 
     Each cell is linked to its ``k`` nearest cells *of the same bag* (all of them when
@@ -557,10 +583,14 @@ def cell_graph(
         Prefix of the outputs; the default gives squidpy's key names.
     overwrite
         Replace existing outputs.
+    inplace
+        Write into the cells table and return ``None``; ``False``: write nothing and return the
+        graph (see :doc:`/contributing`, "Return values and inplace").
 
     Returns
     -------
-    Nothing; writes on the cells table
+    ``None`` when ``inplace``, else ``(connectivities, distances)`` as below. When ``inplace``,
+    writes on the cells table
 
     - ``obsp[f"{key_added}_connectivities"]``: binary symmetric CSR, float32.
     - ``obsp[f"{key_added}_distances"]``: the same edges with their Euclidean length **in µm**
@@ -585,9 +615,10 @@ def cell_graph(
         f"{key_added}_distances",
         f"{key_added}_neighbors",
     )
-    for key in (conn_key, dist_key):
-        check_not_exists(key, cells.obsp, what="obsp key", overwrite=overwrite)
-    check_not_exists(uns_key, cells.uns, what="uns key", overwrite=overwrite)
+    if inplace:
+        for key in (conn_key, dist_key):
+            check_not_exists(key, cells.obsp, what="obsp key", overwrite=overwrite)
+        check_not_exists(uns_key, cells.uns, what="uns key", overwrite=overwrite)
     mpp = get_mpp(sdata if not isinstance(sdata, ad.AnnData) else cells)
     codes = _bag_codes(cells, bag_key)
     xy = _coords(cells, cells_key)
@@ -600,8 +631,12 @@ def cell_graph(
     dist = (np.linalg.norm(xy[r] - xy[c], axis=1) * mpp).astype(np.float32)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=n))]).astype(np.int64)
     indices = c.astype(np.int32 if n < 2**31 else np.int64)
-    cells.obsp[conn_key] = sparse.csr_matrix((np.ones(len(lin), np.float32), indices, indptr), shape=(n, n))
-    cells.obsp[dist_key] = sparse.csr_matrix((dist, indices.copy(), indptr.copy()), shape=(n, n))
+    connectivities = sparse.csr_matrix((np.ones(len(lin), np.float32), indices, indptr), shape=(n, n))
+    distances = sparse.csr_matrix((dist, indices.copy(), indptr.copy()), shape=(n, n))
+    if not inplace:
+        return connectivities, distances
+    cells.obsp[conn_key] = connectivities
+    cells.obsp[dist_key] = distances
     params: dict[str, Any] = {
         "n_neighbors": int(k),
         "coord_type": "generic",

@@ -1,10 +1,11 @@
 """Cell embedding (``bt.pp.embed_cells``): one feature vector per segmented cell.
 
-The image is processed tile by tile (only one tile, or one batch of crops, in memory per worker; the
-tiles run in this process or on dask, see :mod:`bitro.pp._parallel`): cells are
-assigned to exactly one tile by the tile *core* that contains their centroid, and each tile is read
-with a margin of context (white outside the image) so that cells near borders see their
-surroundings.
+The image is processed tile by tile through the tiled-step runner (:mod:`bitro.pp._runner`: one tile,
+or one batch of crops, in memory per worker; the local loop, plain dask or ``dask.distributed``;
+``scratch_dir`` resume; ``on_error``). Cells are assigned to exactly one tile by the tile *core* that
+contains their centroid, and each tile is read with a margin of context (white outside the image)
+so that cells near borders see their surroundings. The three ways of embedding are tiled steps of
+:mod:`bitro.pp._embed_tasks`:
 
 - ``mode="crop"`` (the paper's): a ``crop_um`` window around each centroid, read at the chosen
   pyramid ``level`` in that level's coordinates, resized to the encoder input and mean-pooled.
@@ -16,17 +17,15 @@ surroundings.
   interpolation at the centroid. The network's receptive field brings in the surrounding tissue.
 - ``encoder="morphology"`` measures each nucleus from its rasterised polygon (``mode`` is ignored).
 
-Each tile's features are copied into one float32 output matrix as soon as they arrive and then
-dropped, so the features are held once (plus one tile), never as a list of all tiles. With
-``scratch_dir`` each finished tile's features are written to disk at once
+Each task's features are copied into one float32 output matrix as soon as they arrive and then
+dropped, so the features are held once (plus one task), never as a list of all tiles. With
+``scratch_dir`` each finished task's features are written to disk at once
 (:class:`bitro.pp._scratch.FeatureStore`), a rerun resumes from those files, and the output matrix
 is assembled from them.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,19 +38,15 @@ from bitro._logging import logger
 from bitro._settings import resolve_device, resolve_seed
 from bitro._validate import check_not_exists
 from bitro.io._build import get_image, get_mpp, get_shapes, get_table, image_levels
+from bitro.pp._embed_tasks import crop_step, feature_map_step, morphology_step
 from bitro.pp._encoders import Encoder, get_encoder
-from bitro.pp._parallel import check_parallel_args, execution_info, map_tiles
-from bitro.pp._scratch import FeatureStore, check_scratch_dir
+from bitro.pp._image_key import resolve_image_key
+from bitro.pp._runner import TileRunner
 
 if TYPE_CHECKING:
     import spatialdata as sd
 
 __all__ = ["embed_cells"]
-
-#: ``run(per_tile_func, items, boxes, shared, desc, sink)``: map_tiles with the call's options bound; each
-#: tile's ``(idx, features)`` goes to ``sink`` (a :class:`_Scatter`) as it arrives, or, with a scratch
-#: folder, is written there and read back into ``sink`` one tile at a time once all tiles are done.
-RunTiles = Callable[[Callable[..., Any], list[Any], list[Any], Any, str, "_Scatter"], None]
 
 _SEGMENT_HINT = "Cells are created by bt.pp.segment_cells(sdata); run it first (or import a segmentation)."
 
@@ -59,7 +54,7 @@ _SEGMENT_HINT = "Cells are created by bt.pp.segment_cells(sdata); run it first (
 def embed_cells(
     sdata: sd.SpatialData,
     *,
-    image_key: str = K.IMAGE,
+    image_key: str | None = None,
     cells_key: str = K.CELLS,
     encoder: Any = "efficientnet_lite0",
     mode: Literal["tile", "crop"] = "tile",
@@ -70,13 +65,14 @@ def embed_cells(
     device: str = "auto",
     key_added: str = K.EMBEDDING,
     overwrite: bool = False,
+    inplace: bool = True,
     seed: int | None = None,
     client: Any = None,
     scheduler: str | None = None,
     on_error: Literal["raise", "skip"] = "raise",
     scratch_dir: str | Path | None = None,
     keep_scratch: bool = False,
-) -> None:
+) -> np.ndarray | None:
     """Embed every cell of table ``cells_key`` with an image encoder.
 
     Parameters
@@ -86,7 +82,9 @@ def embed_cells(
         :func:`bitro.pp.segment_cells` (centroids in ``obsm["spatial"]``, level-0 pixels, ``x, y``;
         nucleus polygons in shapes ``"<cells_key>_shapes"``, needed by ``"morphology"``).
     image_key
-        Image to read.
+        Image to read. ``None``: ``"he_normalized"`` when :func:`bitro.pp.normalize_stains` wrote it,
+        else ``"he"`` (logged; see :mod:`bitro.pp._image_key`) — the image :func:`~bitro.pp.segment_cells`
+        reads by default.
     cells_key
         Table of cells.
     encoder
@@ -113,6 +111,9 @@ def embed_cells(
         Key in ``obsm`` and ``uns`` of the cells table.
     overwrite
         Replace an existing ``obsm[key_added]``.
+    inplace
+        Write into the cells table and return ``None``; ``False``: write nothing and return the
+        features (see :doc:`/contributing`, "Return values and inplace").
     seed
         Seed for torch (recorded; inference itself is deterministic).
     client
@@ -150,7 +151,8 @@ def embed_cells(
 
     Returns
     -------
-    Nothing; writes to table ``cells_key``:
+    ``None`` when ``inplace``, else the ``(n_cells, dim)`` float32 features. When ``inplace``, writes
+    to table ``cells_key``:
 
     - ``obsm[key_added]``: ``(n_cells, dim)`` float32 features;
     - ``uns[key_added]``: encoder name, dimension, checkpoint path and sha256, feature names (morphology),
@@ -164,7 +166,8 @@ def embed_cells(
     if mode not in ("tile", "crop"):
         msg = f"mode must be 'tile' or 'crop', got {mode!r}."
         raise ValueError(msg)
-    check_not_exists(key_added, table.obsm, what="obsm key", overwrite=overwrite)
+    if inplace:
+        check_not_exists(key_added, table.obsm, what="obsm key", overwrite=overwrite)
     if K.SPATIAL not in table.obsm:
         msg = f"Table {cells_key!r} has no obsm[{K.SPATIAL!r}] centroids. {_SEGMENT_HINT}"
         raise KeyError(msg)
@@ -172,6 +175,7 @@ def embed_cells(
         msg = f"Need crop_um > 0, tile_size >= 16 and batch_size >= 1; got {crop_um}, {tile_size}, {batch_size}."
         raise ValueError(msg)
 
+    image_key = resolve_image_key(sdata, image_key, step="embed_cells")
     xy0 = np.asarray(table.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
     mpp0 = get_mpp(sdata)
     image = get_image(sdata, image_key, level=level)
@@ -181,9 +185,13 @@ def embed_cells(
     um_per_px = mpp0 * float(downsample.mean())
     crop_px = crop_um / um_per_px
     seed = resolve_seed(seed)
-
-    check_parallel_args(client, scheduler, on_error)
-    scratch = check_scratch_dir(scratch_dir) if scratch_dir is not None else None
+    runner = TileRunner(
+        client=client,
+        scheduler=scheduler,
+        on_error=on_error,
+        scratch_dir=scratch_dir,
+        keep_scratch=keep_scratch,
+    )
 
     enc = get_encoder(encoder)
     dev = None
@@ -205,87 +213,67 @@ def embed_cells(
             raise ValueError(msg)
         used_mode = "tile"
     data = image.data
-    store = None
-    if scratch is not None:
-        manifest = {
-            "step": "embed_cells",
-            "encoder": _encoder_fingerprint(enc),
-            "mode": used_mode,
-            "image_key": image_key,
-            "image_shape": [int(v) for v in data.shape],
-            "level": int(level),
-            "cells_key": cells_key,
-            "n_cells": len(xy0),
-            "centroids_sha256": arrays_sha256([xy0]),
-            "um_per_px": float(um_per_px),
-            "crop_um": float(crop_um),
-            "crop_px": float(crop_px),
-            "tile_size": int(tile_size),
-            "device": str(dev) if dev is not None else "cpu",
-        }
-        if used_mode == "crop":  # the grouping of tiles into tasks (and the forward batches)
-            manifest["batch_size"] = int(batch_size)
-        if used_mode == "mask":
-            manifest["polygons_sha256"] = arrays_sha256(polygons)
-        store = FeatureStore(scratch, manifest)
-    run_info = execution_info(client, scheduler)
-    skipped: list[list[int]] = []
-    n_tasks = 0
-
-    def run(
-        func: Callable[..., Any], items: list[Any], boxes: list[Any], shared: Any, desc: str, sink: _Scatter
-    ) -> None:
-        nonlocal n_tasks
-        n_tasks = len(items)
-        todo = [i for i in range(len(items)) if store is None or not store.has(i)]
-        if store is not None and len(todo) < len(items):
-            done = len(items) - len(todo)
-            logger.info("Resuming from %r: %d of %d tiles already done.", str(scratch), done, len(items))
-        if store is None:  # straight into the output, nothing gathered
-
-            def on_result(j: int, res: Any) -> None:
-                sink.add(res)
-        else:
-
-            def on_result(j: int, res: Any) -> int:
-                return store.write(todo[j], res)
-
-        _, skip = map_tiles(
-            func,
-            [items[i] for i in todo],
-            data,
-            boxes=[boxes[i] for i in todo],
-            shared=shared,
-            client=client,
-            scheduler=scheduler,
-            on_error=on_error,
-            image_name=image_key,
-            desc=desc,
-            on_result=on_result,
-        )
-        skipped.extend(skip)
-        if store is not None:
-            for i in range(len(items)):  # one tile in memory at a time
-                sink.add(store.read(i))
-
+    fingerprint = {
+        "encoder": _encoder_fingerprint(enc),
+        "mode": used_mode,
+        "image_key": image_key,
+        "image_shape": [int(v) for v in data.shape],
+        "level": int(level),
+        "cells_key": cells_key,
+        "n_cells": len(xy0),
+        "centroids_sha256": arrays_sha256([xy0]),
+        "um_per_px": float(um_per_px),
+        "crop_um": float(crop_um),
+        "crop_px": float(crop_px),
+        "tile_size": int(tile_size),
+        "device": str(dev) if dev is not None else "cpu",
+    }
+    if used_mode == "crop":  # the grouping of tiles into tasks (and the forward batches)
+        fingerprint["batch_size"] = int(batch_size)
     if used_mode == "mask":
-        feats = _embed_morphology(enc, data, xy, polygons, um_per_px, tile_size, run)
+        fingerprint["polygons_sha256"] = arrays_sha256(polygons)
+        feats = np.zeros((len(xy), enc.dim), dtype=np.float32)
+        step = morphology_step(
+            enc,
+            data,
+            xy,
+            polygons,
+            um_per_px=um_per_px,
+            tile_size=tile_size,
+            out=feats,
+            fingerprint=fingerprint,
+        )
+        runner.run(step, data, image_name=image_key)
         feats[:, feats.shape[1] - len(enc.density_radii_um) :] = enc.density_features(xy0 * mpp0)
     elif used_mode == "crop":
-        feats = _embed_crops(enc, data, xy, crop_px, tile_size, batch_size, run)
+        step = crop_step(
+            enc,
+            data,
+            xy,
+            crop_px=crop_px,
+            tile_size=tile_size,
+            batch_size=batch_size,
+            fingerprint=fingerprint,
+        )
+        feats = runner.run(step, data, image_name=image_key)
     else:
-        feats = _embed_tiles(enc, data, xy, crop_px, tile_size, um_per_px, run)
+        step = feature_map_step(
+            enc, data, xy, crop_px=crop_px, tile_size=tile_size, um_per_px=um_per_px, fingerprint=fingerprint
+        )
+        feats = runner.run(step, data, image_name=image_key)
 
     feats = np.asarray(feats, dtype=np.float32)
     n_bad = _zero_non_finite(feats)
     if n_bad:
         logger.warning("embed_cells: %d non-finite feature values set to 0 (encoder %r).", n_bad, enc.name)
+    if not inplace:
+        runner.finish()
+        return feats
     table.obsm[key_added] = feats
     prov = {k: v for k, v in enc.provenance().items() if v is not None}
     prov["dim"] = int(feats.shape[1])
     prov["bitro_version"] = __version__
-    prov["execution"] = run_info
-    prov["skipped_tiles"] = skipped
+    prov.update(runner.provenance())
     prov["params"] = {
         "image_key": image_key,
         "mode": used_mode,
@@ -304,9 +292,9 @@ def embed_cells(
         }[used_mode],
     }
     table.uns[key_added] = prov
-    if store is not None and not keep_scratch:
-        store.remove(n_tasks)
+    runner.finish()
     logger.info("embed_cells: %d cells x %d features in obsm[%r]", feats.shape[0], feats.shape[1], key_added)
+    return None
 
 
 def _no_cells_message(table: Any, cells_key: str, image_key: str) -> str:
@@ -360,169 +348,6 @@ def _encoder_fingerprint(enc: Encoder) -> dict[str, Any]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# tiling and reading (private; the lead may swap in bitro.pp._tiles later)
-# ----------------------------------------------------------------------------------------------------------
-def _group_by_tile(xy: np.ndarray, shape_yx: tuple[int, int], tile_size: int) -> list[np.ndarray]:
-    """Indices of the cells whose centroid falls in each (non-empty) tile core, row-major order."""
-    n_ty, n_tx = max(1, math.ceil(shape_yx[0] / tile_size)), max(1, math.ceil(shape_yx[1] / tile_size))
-    tx = np.clip(np.floor(xy[:, 0] / tile_size), 0, n_tx - 1).astype(np.int64)
-    ty = np.clip(np.floor(xy[:, 1] / tile_size), 0, n_ty - 1).astype(np.int64)
-    key = ty * n_tx + tx
-    order = np.argsort(key, kind="stable")
-    _, starts = np.unique(key[order], return_index=True)
-    return np.split(order, starts[1:]) if len(order) else []
-
-
-def _box_around(points: np.ndarray, margin: float) -> tuple[int, int, int, int]:
-    """Integer ``(y0, x0, y1, x1)`` box around ``points`` (x, y) with ``margin`` pixels each side."""
-    x0, y0 = np.floor(points.min(axis=0) - margin).astype(int)
-    x1, y1 = np.ceil(points.max(axis=0) + margin).astype(int) + 1
-    return int(y0), int(x0), int(y1), int(x1)
-
-
-def _crop_starts(xy: np.ndarray, size: int) -> np.ndarray:
-    """Top-left corners (x, y) of ``size``-px windows centred on ``xy``."""
-    return np.floor(xy - (size - 1) / 2 + 0.5).astype(np.int64)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the three ways of embedding
-# ----------------------------------------------------------------------------------------------------------
-class _Scatter:
-    """Copies each tile's ``(idx, features)`` into one ``(n, d)`` float32 array as it arrives.
-
-    The array is ``out`` when given, else allocated at the first result (a plain function encoder's
-    dimension is unknown before its first call). Cells of skipped tiles keep zeros. Nothing else is
-    kept, so besides the output only the tile being copied is in memory.
-    """
-
-    def __init__(self, n: int, out: np.ndarray | None = None) -> None:
-        self.n, self.out = n, out
-
-    def add(self, result: tuple[np.ndarray, np.ndarray] | None) -> None:
-        """Copy one tile's features (``None``: a skipped tile) into the output."""
-        if result is None:
-            return
-        idx, features = result
-        if self.out is None:
-            self.out = np.zeros((self.n, features.shape[1]), dtype=np.float32)
-        self.out[idx] = features
-
-    def array(self, dim: int | None) -> np.ndarray:
-        """The output; zeros of width ``dim`` (0 if unknown) when no tile gave a result."""
-        return self.out if self.out is not None else np.zeros((self.n, dim or 0), dtype=np.float32)
-
-
-def _embed_crops(
-    enc: Encoder, data: Any, xy: np.ndarray, crop_px: float, tile_size: int, batch_size: int, run: RunTiles
-) -> np.ndarray:
-    size = max(1, round(crop_px))
-    margin = size / 2 + 2
-    # tiles are grouped until a group holds >= batch_size cells: one forward pass per batch_size crops
-    items: list[tuple[Any, ...]] = []
-    boxes: list[list[tuple[int, int, int, int]]] = []
-    idx_list: list[np.ndarray] = []
-    starts_list: list[np.ndarray] = []
-    box_list: list[tuple[int, int, int, int]] = []
-    for idx in _group_by_tile(xy, data.shape[1:], tile_size):
-        y0, x0, y1, x1 = _box_around(xy[idx], margin)
-        idx_list.append(idx)
-        starts_list.append(_crop_starts(xy[idx], size) - np.array([x0, y0]))
-        box_list.append((y0, x0, y1, x1))
-        if sum(len(i) for i in idx_list) >= batch_size:
-            items.append((idx_list, starts_list, size, batch_size))
-            boxes.append(box_list)
-            idx_list, starts_list, box_list = [], [], []
-    if idx_list:
-        items.append((idx_list, starts_list, size, batch_size))
-        boxes.append(box_list)
-    sink = _Scatter(len(xy))
-    run(_crop_features, items, boxes, enc, f"embedding cells ({enc.name}, crops)", sink)
-    return sink.array(enc.dim)
-
-
-def _crop_features(
-    tiles: list[np.ndarray], item: tuple[Any, ...], enc: Encoder
-) -> tuple[np.ndarray, np.ndarray]:
-    """Crops of a group of tiles, embedded ``batch_size`` at a time (runs on a dask worker when parallel)."""
-    idx_list, starts_list, size, batch_size = item
-    crops = np.concatenate(
-        [
-            np.stack([tile[sy : sy + size, sx : sx + size] for sx, sy in starts])
-            for tile, starts in zip(tiles, starts_list, strict=True)
-        ]
-    )
-    idx = np.concatenate(idx_list)
-    feats = [enc.embed_crops(crops[s : s + batch_size]) for s in range(0, len(idx), batch_size)]
-    return idx, np.concatenate(feats)
-
-
-def _embed_tiles(
-    enc: Encoder, data: Any, xy: np.ndarray, crop_px: float, tile_size: int, um_per_px: float, run: RunTiles
-) -> np.ndarray:
-    factor = um_per_px / enc.mpp if enc.mpp else 1.0
-    margin = math.ceil(crop_px)
-    items, boxes = [], []
-    for idx in _group_by_tile(xy, data.shape[1:], tile_size):
-        y0, x0, y1, x1 = _box_around(xy[idx], margin)
-        items.append((idx, (xy[idx] - np.array([x0, y0])) * factor, factor, crop_px * factor))
-        boxes.append((y0, x0, y1, x1))
-    sink = _Scatter(len(xy))
-    run(_tile_features, items, boxes, enc, f"embedding cells ({enc.name}, tiles)", sink)
-    return sink.array(enc.dim)
-
-
-def _tile_features(tile: np.ndarray, item: tuple[Any, ...], enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
-    """One forward pass on a tile, pooled at its cells (runs on a dask worker when parallel)."""
-    idx, pos, factor, window = item
-    if factor != 1.0:
-        from skimage.transform import resize
-
-        shape = (max(1, round(tile.shape[0] * factor)), max(1, round(tile.shape[1] * factor)))
-        tile = resize(tile, shape, order=1, preserve_range=True, anti_aliasing=factor < 1).astype(np.uint8)
-    fmap = enc.feature_map(tile)
-    if fmap is None:
-        msg = f"Encoder {enc.name!r} returned no feature map, so it cannot run in tile mode; use mode='crop'."
-        raise ValueError(msg)
-    return idx, _pool_windows(fmap, pos, stride=float(enc.stride), window=window)
-
-
-def _pool_windows(fmap: np.ndarray, pos_xy: np.ndarray, *, stride: float, window: float) -> np.ndarray:
-    """Average ``fmap`` ``(d, gh, gw)`` over a square window centred at each input-pixel position → ``(n, d)``.
-
-    Feature cell ``j`` covers input pixels ``[j·s, (j+1)·s)``. The window side is ``max(window, s)``
-    and cells are weighted by their overlap with it (separable in x and y). For a window of one
-    stride this is exactly bilinear interpolation between cell centres; for a crop-sized window it
-    averages the feature cells the crop would cover.
-    """
-    side = max(float(window), float(stride))
-    k = int(np.ceil(side / stride)) + 1  # cells a window can touch along one axis
-    wy, iy = _axis_weights(pos_xy[:, 1] + 0.5, side, stride, fmap.shape[1], k)
-    wx, ix = _axis_weights(pos_xy[:, 0] + 0.5, side, stride, fmap.shape[2], k)
-    f = fmap.transpose(1, 2, 0)  # (gh, gw, d)
-    out = np.zeros((len(pos_xy), fmap.shape[0]), dtype=np.float64)
-    for a in range(k):
-        for b in range(k):
-            w = wy[:, a] * wx[:, b]
-            out += w[:, None] * f[iy[:, a], ix[:, b]]
-    return out.astype(np.float32)
-
-
-def _axis_weights(
-    centre: np.ndarray, side: float, stride: float, n_cells: int, k: int
-) -> tuple[np.ndarray, ...]:
-    """Overlap weights (normalised) and indices of the ``k`` cells a window touches along one axis."""
-    lo = np.clip(centre - side / 2, 0, max(n_cells * stride - side, 0.0))  # keep the window on the map
-    first = np.floor(lo / stride).astype(np.int64)
-    idx = first[:, None] + np.arange(k)[None, :]
-    cell_lo, cell_hi = idx * stride, (idx + 1) * stride
-    w = np.clip(np.minimum(cell_hi, (lo + side)[:, None]) - np.maximum(cell_lo, lo[:, None]), 0, None)
-    w[idx >= n_cells] = 0
-    w /= np.maximum(w.sum(1, keepdims=True), 1e-12)
-    return w, np.minimum(idx, n_cells - 1)
-
-
 def _polygons_for(table: Any, shapes: Any, downsample: np.ndarray) -> list[np.ndarray]:
     """Exterior ring (x, y) in level pixels of each table row's nucleus, matched by instance id."""
     ids = (
@@ -547,50 +372,3 @@ def _polygons_for(table: Any, shapes: Any, downsample: np.ndarray) -> list[np.nd
             g = max(g.geoms, key=lambda p: p.area)
         out.append(np.asarray(g.exterior.coords, dtype=np.float64)[:, :2] / downsample)
     return out
-
-
-def _embed_morphology(
-    enc: Any,
-    data: Any,
-    xy: np.ndarray,
-    polygons: list[np.ndarray],
-    um_per_px: float,
-    tile_size: int,
-    run: RunTiles,
-) -> np.ndarray:
-    bounds = np.array([[*p.min(axis=0), *p.max(axis=0)] for p in polygons]).reshape(-1, 4)  # x0 y0 x1 y1
-    ring_px = enc.ring_um / um_per_px
-    items, boxes = [], []
-    for idx in _group_by_tile(xy, data.shape[1:], tile_size):
-        corners = np.concatenate([bounds[idx, :2], bounds[idx, 2:]])
-        y0, x0, y1, x1 = _box_around(corners, ring_px + 2)
-        near = np.flatnonzero(
-            (bounds[:, 2] >= x0) & (bounds[:, 0] < x1) & (bounds[:, 3] >= y0) & (bounds[:, 1] < y1)
-        )
-        near = np.setdiff1d(near, idx)
-        cells = np.concatenate([near, idx])  # the tile's own cells are drawn last
-        rings = [(polygons[c][:, 1] - y0, polygons[c][:, 0] - x0) for c in cells]
-        items.append((idx, len(near), rings, xy[cells] - np.array([x0, y0]), um_per_px))
-        boxes.append((y0, x0, y1, x1))
-    out = np.zeros((len(xy), enc.dim), dtype=np.float32)  # the density columns are filled by the caller
-    sink = _Scatter(len(xy), out[:, : enc.dim - len(enc.density_radii_um)])
-    run(_morphology_features, items, boxes, enc, "embedding cells (morphology)", sink)
-    return out
-
-
-def _morphology_features(tile: np.ndarray, item: tuple[Any, ...], enc: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Rasterise a tile's nuclei (neighbours first) and measure its own (runs on a dask worker when parallel)."""
-    from skimage.draw import polygon as draw_polygon
-
-    idx, n_near, rings, xy_local, um_per_px = item
-    n_cells = len(rings)
-    labels = np.zeros(tile.shape[:2], dtype=np.int32)
-    for lab, (rows, cols) in enumerate(rings, start=1):
-        rr, cc = draw_polygon(rows, cols, shape=labels.shape)
-        labels[rr, cc] = lab
-    own = np.arange(n_near + 1, n_cells + 1)
-    present = np.bincount(labels.ravel(), minlength=n_cells + 1)[own] > 0
-    for lab in own[~present]:  # nuclei too small to rasterise: keep their centroid pixel
-        cx, cy = np.round(xy_local[lab - 1]).astype(int)
-        labels[np.clip(cy, 0, labels.shape[0] - 1), np.clip(cx, 0, labels.shape[1] - 1)] = lab
-    return idx, enc.embed_masks(tile, labels, own, um_per_px=um_per_px)

@@ -54,7 +54,7 @@ class PipelineOptions:
     """What :func:`apply_steps` runs on each slide (built and validated by :func:`pipeline_options`)."""
 
     steps: tuple[Step, ...]
-    stain_method: str = "vahadane"
+    stain_method: str = K.STAIN_METHOD
     segment_method: str = "watershed"
     encoder: Any = "efficientnet_lite0"
     mode: str = "tile"
@@ -506,7 +506,7 @@ def run_pipeline(
     out: str | Path,
     steps: Sequence[Step] = STEPS,
     reader: str | None = None,
-    stain_method: str = "vahadane",
+    stain_method: str = K.STAIN_METHOD,
     segment_method: str = "watershed",
     encoder: Any = "efficientnet_lite0",
     mode: str = "tile",
@@ -559,7 +559,8 @@ def run_pipeline(
     reader
         Reader of path inputs: ``"zarr"``, ``"visium"`` or ``"wsi"`` (default: guessed from each path).
     stain_method
-        ``method`` of :func:`~bitro.pp.normalize_stains`.
+        ``method`` of :func:`~bitro.pp.normalize_stains` (default ``"macenko"``, the method the
+        benchmarks use; see there).
     segment_method
         ``method`` of :func:`~bitro.pp.segment_cells`.
     encoder

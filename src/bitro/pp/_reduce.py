@@ -358,6 +358,7 @@ def reduce_features(
     max_cells_fit: int = MAX_CELLS_FIT,
     seed: int | None = None,
     overwrite: bool = False,
+    inplace: bool = True,
 ) -> FeatureProjection | list[FeatureProjection]:
     """Project cell embeddings with one PCA fitted on the training slides.
 
@@ -391,11 +392,14 @@ def reduce_features(
         Seed for the row sample and the randomized solver (default ``bt.settings.seed``).
     overwrite
         Replace an existing ``obsm[key_added]``.
+    inplace
+        Write the projected features (below); ``False``: only fit, write nothing — the values are
+        ``projection.transform(x)`` (see :doc:`/contributing`, "Return values and inplace").
 
     Returns
     -------
-    The fitted (or the given) :class:`FeatureProjection`; a list of them (one per slide) when
-    ``per_sample=True``. Writes, on each cells table:
+    The fitted (or the given) :class:`FeatureProjection`, whatever ``inplace``; a list of them (one
+    per slide) when ``per_sample=True``. When ``inplace``, writes on each cells table:
 
     - ``obsm[key_added]``: ``(n_cells, n_components)`` float32.
     - ``uns[key_added]``: parameters and explained variance (provenance).
@@ -411,8 +415,9 @@ def reduce_features(
             pca.use_rep,
             use_rep,
         )
-    for adata in tables:
-        check_not_exists(key_added, adata.obsm, what="obsm key", overwrite=overwrite)
+    if inplace:
+        for adata in tables:
+            check_not_exists(key_added, adata.obsm, what="obsm key", overwrite=overwrite)
     xs = [_rep(a, use_rep, hint=_embed_hint(use_rep)) for a in tables]
     dims = {x.shape[1] for x in xs}
     if len(dims) > 1:
@@ -436,6 +441,8 @@ def reduce_features(
         states, fitted = [state] * len(tables), True
     names = _slide_names(sdatas, tables)
 
+    if not inplace:
+        return states if per_sample else states[0]
     for adata, x, state, n in zip(tables, xs, states, names, strict=True):
         adata.obsm[key_added] = state.transform(x)
         adata.uns[key_added] = {
@@ -629,6 +636,7 @@ def cluster_phenotypes(
     table_key: str = K.CELLS,
     seed: int | None = None,
     overwrite: bool = False,
+    inplace: bool = True,
 ) -> PhenotypeModel:
     """Cluster cells into phenotypes with k-means fitted on all given training slides.
 
@@ -651,10 +659,14 @@ def cluster_phenotypes(
         Seed of the k-means initialisation (default ``bt.settings.seed``).
     overwrite
         Replace an existing ``obs[key_added]``.
+    inplace
+        Write the labels (below); ``False``: only fit, write nothing — the labels are
+        ``model.labels(x)`` (see :doc:`/contributing`, "Return values and inplace").
 
     Returns
     -------
-    The fitted (or given) :class:`PhenotypeModel`. Writes on each cells table:
+    The fitted (or given) :class:`PhenotypeModel`, whatever ``inplace``. When ``inplace``, writes on
+    each cells table:
 
     - ``obs[key_added]``: categorical labels ``"0"`` … ``"K-1"`` (nearest centroid). k-means uses
       :class:`~sklearn.cluster.KMeans` (10 initialisations), or
@@ -663,8 +675,9 @@ def cluster_phenotypes(
     """
     tables = _tables(sdatas, table_key)
     seed = resolve_seed(seed)
-    for adata in tables:
-        check_not_exists(key_added, adata.obs, what="obs column", overwrite=overwrite)
+    if inplace:
+        for adata in tables:
+            check_not_exists(key_added, adata.obs, what="obs column", overwrite=overwrite)
     xs = [_rep(a, use_rep, hint=_embed_hint(use_rep)) for a in tables]
     if kmeans is None:
         model = PhenotypeModel.fit(
@@ -673,6 +686,8 @@ def cluster_phenotypes(
         fitted = True
     else:
         model, fitted = kmeans, False
+    if not inplace:
+        return model
     names = _slide_names(sdatas, tables)
     for adata, x in zip(tables, xs, strict=True):
         labels = model.labels(x)

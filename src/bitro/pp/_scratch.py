@@ -1,14 +1,15 @@
-"""On-disk stores of per-tile results, so a whole-slide run can be resumed.
+"""On-disk stores of per-task results, so a whole-slide run can be resumed.
 
-:class:`ScratchStore` holds what the stores share: the folder check, the parameter manifest, atomic
-writes and clean-up. Two stores build on it:
+The tiled-step runner (:mod:`bitro.pp._runner`) writes each finished task's result to
+``scratch_dir/tile_<key><suffix>`` when a step runs with ``scratch_dir=``. :class:`ScratchStore`
+holds what the stores share: the folder check, the parameter manifest, atomic writes, reading and
+clean-up; each store defines the file format of one result:
 
-- :class:`TileStore` (segmentation): :func:`bitro.pp.segment_cells` with ``scratch_dir=`` writes each finished tile's nuclei to
-``scratch_dir/tile_<core_y0>_<core_x0>.parquet`` (GeoParquet: ``geometry``, ``x``, ``y`` and the
-``obs`` feature columns; a tile without nuclei gets an empty file, so it counts as done).
-- :class:`FeatureStore` (embedding): :func:`bitro.pp.embed_cells` with ``scratch_dir=`` writes each
-  finished tile task's cell indices and float32 feature rows to ``scratch_dir/tile_<i>.npz``
-  (``i`` = the task's position in the run's deterministic task list).
+- :class:`TileStore` (:func:`bitro.pp.segment_cells`): a tile's nuclei in
+  ``tile_<core_y0>_<core_x0>.parquet`` (GeoParquet: ``geometry``, ``x``, ``y`` and the ``obs``
+  feature columns; a tile without nuclei gets an empty file, so it counts as done).
+- :class:`FeatureStore` (:func:`bitro.pp.embed_cells`): a task's cell indices and float32 feature
+  rows in ``tile_<i>.npz`` (``i`` = the task's position in the run's deterministic task list).
 
 Files are written as ``*.tmp`` and renamed with :func:`os.replace`, so a run killed mid-write never
 leaves a half file that a rerun would trust. ``scratch_dir/manifest.json`` records every parameter
@@ -34,15 +35,16 @@ import pandas as pd
 
 from bitro._logging import logger
 from bitro.io._cells import CELL_FEATURES
-from bitro.pp._tiles import Tile
 
 MANIFEST = "manifest.json"
-#: Bumped when the file layout changes, so that old folders are refused rather than misread.
-FORMAT = 1
+#: Bumped when the file layout or the task list changes, so that old folders are refused rather than
+#: misread (2: one tiling system for both steps, ``step`` recorded by segmentation too).
+FORMAT = 2
 _PROBE = ".bitro_write_probe"
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
-TileResult = tuple[list[Any], list[tuple[float, float]], list[dict[str, float]]]
+#: One segmentation task's result: polygons, ``(n, 2)`` centroids (x, y) and the features frame.
+TileResult = tuple[list[Any], np.ndarray, pd.DataFrame]
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -104,24 +106,29 @@ def _normalise(obj: Any) -> Any:
 
 
 class ScratchStore:
-    """Result files ``tile_*<suffix>`` and a ``manifest.json`` in one folder (see the module docstring).
+    """Result files ``tile_<key><suffix>`` and a ``manifest.json`` in one folder (see the module docstring).
+
+    One file per task of a tiled step (:mod:`bitro.pp._runner`); the subclasses define the file format
+    of one task's result (:meth:`_dump`, :meth:`_load`).
 
     Parameters
     ----------
     path
         Folder checked with :func:`check_scratch_dir`.
     manifest
-        Parameters that determine the tile results (JSON-serialisable).
+        Parameters that determine the task results (JSON-serialisable).
+    step
+        The bitro function whose results these are (e.g. ``"segment_cells"``); a folder written by
+        another step is refused.
     """
 
     #: File name ending of the result files.
     suffix: str
-    #: The bitro function whose results these are (segmentation manifests of format 1 do not record it).
-    step: str
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], *, step: str) -> None:
         self.path = Path(path)
-        self.manifest = _normalise({"format": FORMAT, **manifest})
+        self.step = step
+        self.manifest = _normalise({"format": FORMAT, "step": step, **manifest})
         self._check_manifest()
         for stale in self.path.glob(f"tile_*{self.suffix}.tmp"):  # left by a killed write
             stale.unlink(missing_ok=True)
@@ -170,13 +177,41 @@ class ScratchStore:
             raise ValueError(msg)
 
     # ---------------------------------------------------------------------------------------------- files
-    def file(self, key: Any) -> Path:
-        """The result file of one tile (or task) ``key``; defined by each store."""
-        raise NotImplementedError
+    def file(self, key: str) -> Path:
+        """The result file ``tile_<key><suffix>`` of the task ``key``."""
+        return self.path / f"tile_{key}{self.suffix}"
 
-    def has(self, key: Any) -> bool:
+    def has(self, key: str) -> bool:
         """Whether the result of ``key`` was written by an earlier (or this) run."""
         return self.file(key).is_file()
+
+    def write(self, key: str, result: Any) -> int:
+        """Write one task's result atomically; return its number of cells."""
+        count: list[int] = []
+        self._atomic_write(self.file(key), lambda tmp: count.append(self._dump(tmp, result)))
+        return count[0]
+
+    def read(self, key: str) -> Any:
+        """One task's result, or ``None`` when it has no file (e.g. skipped with ``on_error="skip"``)."""
+        return self._load(self.file(key)) if self.has(key) else None
+
+    def remove(self, keys: Sequence[str]) -> None:
+        """Delete this run's task files and manifest, and the folder if nothing else is in it."""
+        for key in keys:
+            self.file(key).unlink(missing_ok=True)
+        (self.path / MANIFEST).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            logger.info("Kept scratch_dir %r: it holds other files.", str(self.path))
+
+    def _dump(self, path: Path, result: Any) -> int:
+        """Write ``result`` to ``path``; return its number of cells (defined by each store)."""
+        raise NotImplementedError
+
+    def _load(self, path: Path) -> Any:
+        """Read a result written by :meth:`_dump` (defined by each store)."""
+        raise NotImplementedError
 
     def _atomic_write(self, target: Path, write: Any) -> None:
         """``write(tmp)`` to ``<target>.tmp``, then :func:`os.replace` it to ``target`` (no half files)."""
@@ -198,64 +233,34 @@ class ScratchStore:
         )
         return OSError(msg) if err.errno is None else OSError(err.errno, msg)
 
-    def _remove_files(self, files: Sequence[Path]) -> None:
-        """Delete ``files`` and the manifest, and the folder if nothing else is in it."""
-        for f in files:
-            f.unlink(missing_ok=True)
-        (self.path / MANIFEST).unlink(missing_ok=True)
-        try:
-            self.path.rmdir()
-        except OSError:
-            logger.info("Kept scratch_dir %r: it holds other files.", str(self.path))
-
 
 class TileStore(ScratchStore):
-    """The per-tile nuclei of one segmentation run in ``path`` (GeoParquet; see the module docstring).
+    """Per-tile nuclei of a segmentation run (GeoParquet; see the module docstring).
 
-    Parameters
-    ----------
-    path
-        Folder checked with :func:`check_scratch_dir`.
-    manifest
-        Parameters that determine the tile results (JSON-serialisable).
+    A result is ``(polygons, centroids, features)``: shapely polygons, ``(n, 2)`` float64 centroids
+    (x, y) and a :data:`~bitro.io._cells.CELL_FEATURES` frame, one row per nucleus.
     """
 
     suffix = ".parquet"
-    step = "segment_cells"
 
-    # ---------------------------------------------------------------------------------------------- tiles
-    def file(self, tile: Tile) -> Path:
-        """``tile_<core_y0>_<core_x0>.parquet`` (core corners are unique in a grid; read boxes may not be)."""
-        return self.path / f"tile_{tile.core_y0}_{tile.core_x0}.parquet"
-
-    def write(self, tile: Tile, result: TileResult) -> int:
-        """Write one tile's ``(polygons, centroids, rows)`` atomically; return the number of nuclei."""
+    def _dump(self, path: Path, result: TileResult) -> int:
         import geopandas as gpd
 
-        polygons, centroids, rows = result
+        polygons, centroids, features = result
         xy = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
         frame = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]})
-        features = pd.DataFrame(rows, columns=list(CELL_FEATURES))
+        features = pd.DataFrame(features, columns=list(CELL_FEATURES)).reset_index(drop=True)
         frame = pd.concat([frame, features], axis=1)
         gdf = gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(list(polygons), dtype="geometry"))
-        self._atomic_write(self.file(tile), lambda tmp: _write_parquet(gdf, tmp))
+        _write_parquet(gdf, path)
         return len(polygons)
 
-    def read(self, tiles: Sequence[Tile]) -> tuple[list[Any], np.ndarray, pd.DataFrame]:
-        """Polygons, ``(n, 2)`` centroids (x, y) and features of ``tiles`` (those with a file), in order."""
+    def _load(self, path: Path) -> TileResult:
         import geopandas as gpd
 
-        parts = [gpd.read_parquet(self.file(t)) for t in tiles if self.has(t)]
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return [], np.zeros((0, 2)), pd.DataFrame(columns=list(CELL_FEATURES))
-        cells = pd.concat(parts, ignore_index=True)
+        cells = gpd.read_parquet(path)
         features = pd.DataFrame({c: cells[c].to_numpy() for c in CELL_FEATURES})
         return list(cells.geometry.values), cells[["x", "y"]].to_numpy(np.float64), features
-
-    def remove(self, tiles: Sequence[Tile]) -> None:
-        """Delete this run's tile files and manifest, and the folder if nothing else is in it."""
-        self._remove_files([self.file(t) for t in tiles])
 
 
 def _write_features(path: Path, idx: np.ndarray, features: np.ndarray) -> None:
@@ -264,46 +269,22 @@ def _write_features(path: Path, idx: np.ndarray, features: np.ndarray) -> None:
 
 
 class FeatureStore(ScratchStore):
-    """The per-task cell features of one :func:`bitro.pp.embed_cells` run in ``path`` (see the module docstring).
+    """Per-task cell features of an embedding run (see the module docstring).
 
-    Task ``i`` (a tile, or a group of tiles in crop mode) is stored as ``tile_<i>.npz`` holding ``idx``
-    (int64 row indices into the cells table) and ``features`` (float32, one row per index). The task
-    list is a deterministic function of the parameters in the manifest, so ``i`` names the same cells
-    in every run with that manifest.
-
-    Parameters
-    ----------
-    path
-        Folder checked with :func:`check_scratch_dir`.
-    manifest
-        Parameters that determine the features (JSON-serialisable).
+    A result is ``(idx, features)``: int64 row indices into the cells table and float32 features, one
+    row per index, stored as ``tile_<i>.npz``.
     """
 
     suffix = ".npz"
-    step = "embed_cells"
 
-    def file(self, i: int) -> Path:
-        """``tile_<i>.npz``."""
-        return self.path / f"tile_{int(i)}.npz"
-
-    def write(self, i: int, result: tuple[np.ndarray, np.ndarray]) -> int:
-        """Write task ``i``'s ``(idx, features)`` atomically; return the number of cells."""
+    def _dump(self, path: Path, result: tuple[np.ndarray, np.ndarray]) -> int:
         idx, features = result
-        idx = np.asarray(idx, dtype=np.int64)
-        features = np.asarray(features, dtype=np.float32)
-        self._atomic_write(self.file(i), lambda tmp: _write_features(tmp, idx, features))
+        _write_features(path, np.asarray(idx, dtype=np.int64), np.asarray(features, dtype=np.float32))
         return len(idx)
 
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Task ``i``'s ``(idx, features)``, or ``None`` when it has no file (e.g. skipped)."""
-        if not self.has(i):
-            return None
-        with np.load(self.file(i), allow_pickle=False) as data:
+    def _load(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(path, allow_pickle=False) as data:
             return data["idx"], data["features"]
-
-    def remove(self, n_tasks: int) -> None:
-        """Delete this run's task files and manifest, and the folder if nothing else is in it."""
-        self._remove_files([self.file(i) for i in range(n_tasks)])
 
 
 def clear_scratch_dir(path: str | os.PathLike[str]) -> None:

@@ -1,19 +1,16 @@
 """Nucleus segmentation of a whole image, tile by tile with overlap (method.md §2.3).
 
 The image is cut into a grid of core squares (:func:`bitro.pp._tiles.tile_grid`); each tile is
-read with an overlap larger than the largest nucleus, segmented on its own, and a nucleus is kept
-only by the tile whose core contains its centroid — so each nucleus is kept exactly once and never
-cut by a tile edge. Only one tile is in memory at a time (one per worker thread when the tiles run on
-dask, see :mod:`bitro.pp._parallel`).
-With ``scratch_dir`` each finished tile is written to disk at once and a rerun resumes from
-those files (:mod:`bitro.pp._scratch`).
+read with an overlap larger than the largest nucleus, segmented on its own by the chosen backend
+(:mod:`bitro.pp._segmenters`), and a nucleus is kept only by the tile whose core contains its
+centroid — so each nucleus is kept exactly once and never cut by a tile edge. The tiles run through
+the tiled-step runner (:mod:`bitro.pp._runner`: one tile in memory per worker, plain dask or
+``dask.distributed``, ``scratch_dir`` resume, ``on_error``). Backends of kind ``"import"`` read a
+finished segmentation file instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, replace
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,67 +23,25 @@ from bitro._settings import resolve_seed
 from bitro._validate import check_key, check_not_exists
 from bitro.io._build import get_image, get_mpp
 from bitro.io._cells import CELL_FEATURES, write_cells
-from bitro.pp._parallel import check_parallel_args, execution_info, map_tiles
-from bitro.pp._scratch import TileStore, check_scratch_dir
-from bitro.pp._tiles import Tile, read_box, tile_grid
-from bitro.pp._watershed import (
-    WatershedParams,
-    estimate_threshold,
-    hematoxylin,
-    segment_tile,
-    smoothed_hematoxylin,
-)
+from bitro.pp._image_key import resolve_image_key
+from bitro.pp._runner import Task, TiledStep, TileRunner
+from bitro.pp._scratch import TileStore
+from bitro.pp._segmenters import Segmenter, get_segmenter
+from bitro.pp._tiles import Tile, tile_grid
+from bitro.pp._watershed import WatershedParams, hematoxylin
 
 if TYPE_CHECKING:
+    import anndata as ad
+    import geopandas as gpd
     import spatialdata as sd
 
-Method = Callable[[np.ndarray, float], np.ndarray]
-
-#: Built-in method names and the optional backends that need user-supplied weights.
-METHODS = ("watershed",)
-_BACKENDS = {"stardist": "stardist", "cellpose": "cellpose"}
-#: Side (px) and maximum number of the boxes sampled to fix the slide-wide hematoxylin threshold.
-_SAMPLE_SIZE = 1024
-_MAX_SAMPLES = 16
+#: Default nucleus area range (µm²) of every method: the watershed's tuned bounds.
+MIN_AREA_UM2 = WatershedParams.min_area_um2
+MAX_AREA_UM2 = WatershedParams.max_area_um2
 #: Polygon simplification tolerance in pixels (removes the pixel staircase, keeps the shape).
 _SIMPLIFY_PX = 0.5
 #: Margin (µm) added to the largest nucleus diameter for the default overlap.
 _OVERLAP_MARGIN_UM = 2.0
-
-
-def _resolve_method(method: str | Method) -> str | Method:
-    if callable(method):
-        return method
-    if method in METHODS:
-        return method
-    if method in _BACKENDS:
-        pkg = _BACKENDS[method]
-        try:
-            __import__(pkg)
-        except ImportError as err:
-            msg = (
-                f"method={method!r} needs the {pkg!r} package and model weights, which bitro does not "
-                f"ship or download. Install it (pip install {pkg}), load your model, and pass it wrapped as "
-                "a callable: method=lambda rgb, mpp: <int label mask of rgb> (see bt.pp.segment_cells)."
-            )
-            raise ImportError(msg) from err
-        msg = (
-            f"bitro does not load {method} weights itself. Load your model and pass it wrapped as a callable: "
-            "method=lambda rgb, mpp: <int label mask of the (h, w, 3) uint8 tile rgb> "
-            "(see the example in bt.pp.segment_cells)."
-        )
-        raise ValueError(msg)
-    msg = (
-        f"Unknown segmentation method {method!r}; use one of {METHODS}, or a callable "
-        "(rgb_tile, mpp) -> int label mask (the hook for StarDist/Cellpose models you load yourself)."
-    )
-    raise ValueError(msg)
-
-
-def _tissue_mask(sdata: sd.SpatialData, tissue_key: str | None) -> Any:
-    if tissue_key is None or tissue_key not in sdata.labels:
-        return None
-    return sdata.labels[tissue_key]
 
 
 def _has_tissue(mask: Any, tile: Tile) -> bool:
@@ -95,58 +50,6 @@ def _has_tissue(mask: Any, tile: Tile) -> bool:
     from bitro.pp._tissue import tissue_fraction
 
     return tissue_fraction(mask, (tile.x0, tile.y0, tile.x1, tile.y1)) > 0
-
-
-#: Boxes at least this much covered by tissue are preferred for the threshold sample.
-_DENSE_FRACTION = 0.5
-
-
-def _box_tissue(mask: Any, box: tuple[int, int, int, int], step: int) -> np.ndarray | None:
-    """Tissue mask of a level-0 box ``(y0, x0, y1, x1)`` sampled every ``step`` pixels (nearest)."""
-    if mask is None:
-        return None
-    from bitro.pp._tissue import _mask_scale
-
-    sy, sx = _mask_scale(mask)
-    arr = np.asarray(mask.data)
-    y0, x0, y1, x1 = box
-    rows = np.clip((np.arange(y0, y1, step) / sy).astype(int), 0, arr.shape[0] - 1)
-    cols = np.clip((np.arange(x0, x1, step) / sx).astype(int), 0, arr.shape[1] - 1)
-    return arr[np.ix_(rows, cols)] > 0
-
-
-def _slide_threshold(
-    data: Any, shape_yx: tuple[int, int], mpp: float, params: WatershedParams, mask: Any, seed: int
-) -> float:
-    """One hematoxylin threshold for the whole image, from up to 16 boxes of 1024 px.
-
-    With a tissue mask, boxes mostly covered by tissue are preferred and only their tissue pixels
-    enter the histogram: glass and thin tissue at the section's edge would otherwise pull the cut
-    down and merge neighbouring nuclei (measured on HER2ST C2: a whole-section estimate from all
-    pixels of random tissue boxes gave 0.015 and median nucleus area 78 µm², a central-window
-    estimate 0.025 and 50 µm²).
-    """
-    boxes = tile_grid(shape_yx, tile_size=_SAMPLE_SIZE, overlap=0)
-    if mask is not None:
-        from bitro.pp._tissue import tissue_fraction
-
-        fractions = np.array([tissue_fraction(mask, (t.x0, t.y0, t.x1, t.y1)) for t in boxes])
-        dense = fractions >= _DENSE_FRACTION
-        keep = dense if dense.any() else fractions > 0
-        boxes = [t for t, k in zip(boxes, keep) if k]
-    if not boxes:
-        return estimate_threshold(np.zeros(1, dtype=np.float32), params=params)
-    if len(boxes) > _MAX_SAMPLES:
-        rng = np.random.default_rng(seed)
-        boxes = [boxes[i] for i in sorted(rng.choice(len(boxes), _MAX_SAMPLES, replace=False))]
-    values = []
-    for t in boxes:
-        h = smoothed_hematoxylin(read_box(data, t.box), mpp, params.sigma_um)[::2, ::2]
-        inside = _box_tissue(mask, t.box, 2)
-        if inside is not None and inside.shape == h.shape and inside.any():
-            h = h[inside]
-        values.append(h.ravel())
-    return estimate_threshold(np.concatenate(values), params=params)
 
 
 def _mask_polygon(mask: np.ndarray, y_off: float, x_off: float) -> Any:
@@ -223,109 +126,172 @@ def _cells_of_tile(
     return polygons, centroids, rows
 
 
-def _segment_one(
-    rgb: np.ndarray,
-    tile: Tile,
-    *,
-    method: str | Method,
-    mpp: float,
-    threshold: float | None,
-    params: WatershedParams,
-    area_range: tuple[float, float],
-) -> tuple[list[Any], list[tuple[float, float]], list[dict[str, float]]]:
+def _segment_task(
+    rgb: np.ndarray, item: tuple[Tile, float, tuple[float, float]], segmenter: Segmenter
+) -> tuple[list[Any], np.ndarray, pd.DataFrame]:
     """Segment one read box and keep the nuclei of its core (runs on a dask worker when parallel)."""
-    if method == "watershed":
-        labels = segment_tile(rgb, mpp, threshold=threshold, params=params)
+    tile, mpp, area_range = item
+    labels = _check_labels(segmenter.segment_tile(rgb, mpp), rgb.shape[:2])
+    polygons, centroids, rows = _cells_of_tile(rgb, labels, tile, mpp, area_range)
+    xy = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
+    return polygons, xy, pd.DataFrame(rows, columns=list(CELL_FEATURES))
+
+
+class _Stitch:
+    """Merges the per-tile nuclei in tile order (results may arrive in any order)."""
+
+    def __init__(self, n_tasks: int) -> None:
+        self.parts: list[Any] = [None] * n_tasks
+
+    def add(self, index: int, result: Any) -> None:
+        self.parts[index] = result
+
+    def result(self) -> tuple[list[Any], np.ndarray, pd.DataFrame]:
+        """Polygons, ``(n, 2)`` centroids (x, y) and features of all tiles, in tile order."""
+        parts = [p for p in self.parts if p is not None and len(p[0])]
+        self.parts = []
+        if not parts:
+            return [], np.zeros((0, 2)), pd.DataFrame(columns=list(CELL_FEATURES))
+        polygons = [poly for p in parts for poly in p[0]]
+        centroids = np.concatenate([np.asarray(p[1], dtype=np.float64).reshape(-1, 2) for p in parts])
+        obs = pd.concat([pd.DataFrame(p[2], columns=list(CELL_FEATURES)) for p in parts], ignore_index=True)
+        return polygons, centroids, obs
+
+
+def _everything_warning(image_key: str, why: str) -> None:
+    logger.warning(
+        "segment_cells: %s, so every tile of %r is segmented, glass included (slower, and nuclei are "
+        "found in debris).",
+        why,
+        image_key,
+    )
+
+
+def _tissue(sdata: sd.SpatialData, tissue_key: str | None, image_key: str, *, inplace: bool) -> Any:
+    """The tissue mask to skip glass with: the existing one, else one built by detect_tissue (logged).
+
+    ``None`` (segment everything, with a warning) for ``tissue_key=None`` and when the mask built here
+    holds no tissue (e.g. an image smaller than detect_tissue's smallest tissue piece).
+    """
+    if tissue_key is None:
+        _everything_warning(image_key, f"tissue_key=None (the default {K.TISSUE!r} uses or builds a mask)")
+        return None
+    if tissue_key in sdata.labels:
+        return sdata.labels[tissue_key]
+    from bitro.pp._tissue import detect_tissue
+
+    logger.info(
+        "segment_cells: no tissue mask %r yet; building it with bt.pp.detect_tissue(image_key=%r)%s.",
+        tissue_key,
+        image_key,
+        f" into labels[{tissue_key!r}]" if inplace else "",
+    )
+    if inplace:
+        detect_tissue(sdata, image_key=image_key, key_added=tissue_key)
+        mask = sdata.labels[tissue_key]
     else:
-        labels = _check_labels(method(rgb, mpp), rgb.shape[:2])
-    return _cells_of_tile(rgb, labels, tile, mpp, area_range)
+        mask = detect_tissue(sdata, image_key=image_key, key_added=tissue_key, inplace=False)
+    if not np.asarray(mask.data).any():  # not kept: a later call would take it for the user's own mask
+        if inplace:
+            from bitro.pp._tissue import TISSUE_ATTRS_KEY
+
+            del sdata.labels[tissue_key]
+            sdata.attrs.get(TISSUE_ATTRS_KEY, {}).pop(tissue_key, None)
+        _everything_warning(image_key, f"the tissue mask built by detect_tissue on {image_key!r} is empty")
+        return None
+    return mask
 
 
-def _gather(results: list[Any]) -> tuple[list[Any], np.ndarray, pd.DataFrame]:
-    """Polygons, ``(n, 2)`` centroids (x, y) and features of the per-tile results, in tile order."""
-    polygons: list[Any] = []
-    centroids: list[tuple[float, float]] = []
-    rows: list[dict[str, float]] = []
-    for res in results:
-        if res is not None:
-            polygons += res[0]
-            centroids += res[1]
-            rows += res[2]
-    obs = pd.DataFrame(rows, columns=list(CELL_FEATURES))
-    return polygons, np.asarray(centroids, dtype=np.float64).reshape(-1, 2), obs
+def _detached(sdata: sd.SpatialData) -> sd.SpatialData:
+    """An empty SpatialData with ``sdata``'s attrs (scale), to build elements without touching ``sdata``."""
+    import spatialdata as sd
+
+    out = sd.SpatialData()
+    out.attrs.update(sdata.attrs)
+    return out
 
 
 def segment_cells(
     sdata: sd.SpatialData,
     *,
-    image_key: str = K.IMAGE,
-    method: str | Method = "watershed",
+    image_key: str | None = None,
+    method: str | Segmenter | Any = "watershed",
+    method_kwargs: dict[str, Any] | None = None,
     tile_size: int = 1024,
     overlap_um: float | None = None,
-    min_area_um2: float = WatershedParams.min_area_um2,
-    max_area_um2: float = WatershedParams.max_area_um2,
-    params: WatershedParams | None = None,
-    threshold: float | None = None,
+    min_area_um2: float = MIN_AREA_UM2,
+    max_area_um2: float = MAX_AREA_UM2,
     tissue_key: str | None = K.TISSUE,
     key_added: str = K.CELLS,
     overwrite: bool = False,
+    inplace: bool = True,
     seed: int | None = None,
     client: Any = None,
     scheduler: str | None = None,
     on_error: Literal["raise", "skip"] = "raise",
     scratch_dir: str | Path | None = None,
     keep_scratch: bool = False,
-) -> None:
-    """Segment nuclei tile by tile and write them as polygons and a cell table.
+) -> tuple[ad.AnnData, gpd.GeoDataFrame | None] | None:
+    """Segment nuclei tile by tile (or import a segmentation) and write them as polygons and a cell table.
 
     Parameters
     ----------
     sdata
         SpatialData with an RGB H&E image and a recorded µm per pixel.
     image_key
-        Image to segment (e.g. ``"he_normalized"`` after :func:`bitro.pp.normalize_stains`).
+        Image to segment. ``None``: ``"he_normalized"`` when :func:`bitro.pp.normalize_stains` wrote
+        it, else ``"he"`` (logged; see :mod:`bitro.pp._image_key`).
     method
-        ``"watershed"``: the built-in classical method (hematoxylin by colour deconvolution,
-        smoothing, Li threshold fixed once per slide, distance-transform h-maxima watershed, size
-        filters; see :mod:`bitro.pp._watershed`), no weights needed. Or a callable
-        ``(rgb_tile, mpp) -> labels`` taking an ``(h, w, 3)`` uint8 tile and its µm per pixel and
-        returning an ``(h, w)`` integer instance mask (0 = background) — the hook for StarDist,
-        Cellpose or any model whose weights you load yourself, e.g.::
+        A registered backend (:func:`bitro.pp.list_segmenters`):
+
+        - ``"watershed"`` (default): the built-in classical method (hematoxylin by colour
+          deconvolution, smoothing, Li threshold fixed once per slide, distance-transform h-maxima
+          watershed, size filters; :class:`~bitro.pp._segmenters.WatershedSegmenter`), no weights;
+        - ``"cellvit"``, ``"hovernet"``, ``"hest"``, ``"import"``: read a finished segmentation,
+          e.g. ``method="cellvit:/path/cells.geojson"`` (:func:`bitro.io.read_cell_segmentation`;
+          tiling, tissue and area options do not apply);
+        - ``"stardist"``, ``"cellpose"``: their optional packages with your local weights or loaded
+          model (:mod:`bitro.pp._segmenters_external`; bitro never downloads weights).
+
+        Or a :class:`~bitro.pp._segmenters.Segmenter`, or a callable ``(rgb_tile, mpp) -> labels``
+        taking an ``(h, w, 3)`` uint8 tile and its µm per pixel and returning an ``(h, w)`` integer
+        instance mask (0 = background), e.g.::
 
             model = StarDist2D(None, name="my_model", basedir="models/")  # your local weights
             method = lambda rgb, mpp: model.predict_instances(normalize(rgb))[0]
 
-        ``"stardist"``/``"cellpose"`` raise an error explaining this.
+        New backends are added with :func:`bitro.pp.register_segmenter`.
+    method_kwargs
+        Options of the backend, e.g. ``{"threshold": 0.05, "h_um": 0.8}`` for the watershed (its
+        ``threshold`` and :class:`~bitro.pp._watershed.WatershedParams` fields),
+        ``{"path": ...}`` for an importer, ``{"model": ...}`` for StarDist/Cellpose.
     tile_size
         Side of each tile core in level-0 pixels.
     overlap_um
         Overlap (µm) read around each core; must exceed the largest nucleus diameter. Default: the
         diameter of a disc of ``max_area_um2`` plus 2 µm.
     min_area_um2, max_area_um2
-        Nuclei outside this area range (µm²) are dropped (for every method).
-    params
-        Parameters of the built-in method (:class:`~bitro.pp._watershed.WatershedParams`); the two
-        area bounds above override its own.
-    threshold
-        Hematoxylin optical-density cut of the built-in method; default estimated once on up to
-        16 boxes of 1024 px, so that every tile uses the same cut. With a tissue mask, boxes at least
-        half covered by tissue are preferred and only their tissue pixels count, so the cut of a whole
-        section matches that of a window cut from its interior.
+        Nuclei outside this area range (µm²) are dropped (every tile backend).
     tissue_key
-        Labels element with a tissue mask (:func:`bitro.pp.detect_tissue`); when it exists, tiles
-        without tissue are skipped. ``None`` processes every tile.
+        Labels element of the tissue mask; tiles without tissue are skipped. When it does not exist it
+        is built with :func:`bitro.pp.detect_tissue` on ``image_key`` and written to
+        ``labels[tissue_key]`` (logged; with ``inplace=False`` it is used but not written).
+        ``None``: every tile is segmented, glass included, and a warning says so.
     key_added
         Table name; polygons go to shapes ``f"{key_added}_shapes"``.
     overwrite
         Replace an existing table/shapes of that name.
+    inplace
+        Write into ``sdata`` and return ``None``; ``False``: write nothing and return the table and
+        shapes (see :doc:`/contributing`, "Return values and inplace").
     seed
-        Seed for choosing the threshold sample boxes (when there are more than 16).
+        Seed for choosing the watershed's threshold sample boxes (when there are more than 16).
     client
         A ``distributed.Client`` to run the tiles on a dask cluster (local or remote), one task per
         tile. ``None``: the client active in this process if there is one, else the tiles run one
-        after the other in this process. The threshold is fixed once beforehand, so the result is
-        the same however the tiles run. A callable ``method`` must be picklable (cloudpickle) for
-        process-based workers.
+        after the other in this process. Slide-wide settings (the watershed threshold) are fixed
+        beforehand, so the result is the same however the tiles run. The backend is sent to each
+        worker once and must be picklable (cloudpickle) for process-based workers.
     scheduler
         ``"threads"``, ``"processes"`` or ``"synchronous"``: run the tiles with plain dask instead
         (no cluster). Not together with ``client``.
@@ -349,17 +315,22 @@ def segment_cells(
 
     Returns
     -------
-    Nothing; writes to ``sdata``:
+    ``None`` when ``inplace``; else ``(table, shapes)`` as they would have been written (``shapes``
+    is ``None`` when no nucleus was found). When ``inplace``, writes to ``sdata``:
 
     - ``shapes[f"{key_added}_shapes"]``: one polygon per nucleus (level-0 pixels);
     - ``tables[key_added]``: ``obsm["spatial"]`` centroids (x = column, y = row, level-0 pixels,
       float32); ``obs`` ``area_um2``, ``perimeter_um``, ``eccentricity``, ``solidity``,
-      ``mean_hematoxylin`` (mean hematoxylin optical density); ``obs_names`` ``cell_0 …``;
-      ``uns[key_added]`` method, parameters, threshold, tiling, seed, ``execution`` (where the tiles
-      ran) and ``skipped_tiles`` (read boxes ``[y0, x0, y1, x1]`` skipped with ``on_error="skip"``).
+      ``mean_hematoxylin`` (mean hematoxylin optical density; NaN for imports) and, for imports with
+      classes, ``classification``; ``obs_names`` ``cell_0 …``; ``uns[key_added]`` method, image key,
+      ``params`` (the backend's, e.g. the watershed's threshold, and the area range), tiling, seed,
+      ``execution`` (where the tiles ran) and ``skipped_tiles`` (read boxes ``[y0, x0, y1, x1]``
+      skipped with ``on_error="skip"``);
+    - ``labels[tissue_key]`` when the tissue mask was built here.
 
     With no nucleus found the table is empty, no shapes are written and a warning is logged.
     """
+    image_key = resolve_image_key(sdata, image_key, step="segment_cells")
     check_key(
         image_key, sdata.images.keys(), what="image", hint="Images are created by bt.io.read_* readers."
     )
@@ -371,15 +342,30 @@ def segment_cells(
         )
         raise ValueError(msg)
     mpp = get_mpp(sdata)
-    check_not_exists(key_added, sdata.tables, what="table", overwrite=overwrite)
-    check_not_exists(K.shapes_key(key_added), sdata.shapes, what="shapes element", overwrite=overwrite)
-    method = _resolve_method(method)
-    check_parallel_args(client, scheduler, on_error)
-    params = replace(params or WatershedParams(), min_area_um2=min_area_um2, max_area_um2=max_area_um2)
+    if inplace:
+        check_not_exists(key_added, sdata.tables, what="table", overwrite=overwrite)
+        check_not_exists(K.shapes_key(key_added), sdata.shapes, what="shapes element", overwrite=overwrite)
+    segmenter = get_segmenter(method, method_kwargs)
+    target = sdata if inplace else _detached(sdata)
+    if segmenter.kind == "import":
+        table = segmenter.import_cells(target, key_added=key_added, mpp=mpp, overwrite=overwrite)
+        table.uns[key_added].update(method=segmenter.name, image_key=image_key, params=segmenter.params())
+        return None if inplace else (table, target.shapes.get(K.shapes_key(key_added)))
+
+    runner = TileRunner(
+        client=client,
+        scheduler=scheduler,
+        on_error=on_error,
+        scratch_dir=scratch_dir,
+        keep_scratch=keep_scratch,
+    )
+    if not 0 <= min_area_um2 < max_area_um2:
+        msg = f"Need 0 <= min_area_um2 < max_area_um2, got {min_area_um2} and {max_area_um2}."
+        raise ValueError(msg)
     if int(tile_size) < 16:
         msg = f"tile_size must be at least 16 pixels, got {tile_size}."
         raise ValueError(msg)
-    max_diameter = params.max_diameter_um()
+    max_diameter = float(2 * np.sqrt(max_area_um2 / np.pi))
     overlap_um = max_diameter + _OVERLAP_MARGIN_UM if overlap_um is None else float(overlap_um)
     if overlap_um <= max_diameter:
         msg = (
@@ -388,70 +374,38 @@ def segment_cells(
             "increase overlap_um or lower max_area_um2."
         )
         raise ValueError(msg)
-    scratch = check_scratch_dir(scratch_dir) if scratch_dir is not None else None
     seed = resolve_seed(seed)
     overlap_px = int(np.ceil(overlap_um / mpp))
     shape_yx = (int(data.shape[1]), int(data.shape[2]))
-    mask = _tissue_mask(sdata, tissue_key)
+    mask = _tissue(sdata, tissue_key, image_key, inplace=inplace)
     tiles = tile_grid(shape_yx, tile_size=int(tile_size), overlap=overlap_px)
     todo = [t for t in tiles if _has_tissue(mask, t)]
-
-    if method == "watershed" and threshold is None:
-        threshold = _slide_threshold(data, shape_yx, mpp, params, mask, seed)
-    name = method if isinstance(method, str) else getattr(method, "__name__", type(method).__name__)
-    run_info = execution_info(client, scheduler)
-    per_tile = partial(
-        _segment_one,
-        method=method,
-        mpp=mpp,
-        threshold=threshold,
-        params=params,
-        area_range=(params.min_area_um2, params.max_area_um2),
-    )
-    store = None
-    if scratch is not None:
-        store = TileStore(
-            scratch,
-            {
-                "image_key": image_key,
-                "image_shape": [int(v) for v in data.shape],
-                "mpp": mpp,
-                "threshold": None if threshold is None else float(threshold),
-                "params": asdict(params),
-                "tile_size": int(tile_size),
-                "overlap_px": overlap_px,
-                "method": name,
-            },
-        )
-    compute = [t for t in todo if store is None or not store.has(t)]
-    if store is not None and len(compute) < len(todo):
-        done = len(todo) - len(compute)
-        logger.info("Resuming from %r: %d of %d tiles already done.", str(scratch), done, len(todo))
-    results, skipped = map_tiles(
-        per_tile,
-        compute,
-        data,
-        client=client,
-        scheduler=scheduler,
-        on_error=on_error,
-        image_name=image_key,
-        desc=f"segmenting nuclei ({name})",
-        on_result=None if store is None else lambda i, res: store.write(compute[i], res),
-    )
-    if store is not None:
-        polygons, centroids, obs = store.read(todo)
-    else:
-        polygons, centroids, obs = _gather(results)
-    provenance = {
-        "method": name,
-        "image_key": image_key,
-        "params": {k: v for k, v in asdict(params).items()}
-        if method == "watershed"
-        else {
-            "min_area_um2": params.min_area_um2,
-            "max_area_um2": params.max_area_um2,
+    area_range = (float(min_area_um2), float(max_area_um2))
+    segmenter.prepare(data, mpp=mpp, tissue=mask, seed=seed, area_um2=area_range)
+    params = {**segmenter.params(), "min_area_um2": area_range[0], "max_area_um2": area_range[1]}
+    step = TiledStep(
+        name="segment_cells",
+        tasks=[Task(f"{t.core_y0}_{t.core_x0}", (t, mpp, area_range), t.box) for t in todo],
+        process=_segment_task,
+        merge=_Stitch(len(todo)),
+        store=TileStore,
+        fingerprint={
+            "image_key": image_key,
+            "image_shape": [int(v) for v in data.shape],
+            "mpp": mpp,
+            "method": segmenter.name,
+            "params": params,
+            "tile_size": int(tile_size),
+            "overlap_px": overlap_px,
         },
-        "threshold": None if threshold is None else float(threshold),
+        shared=segmenter,
+        desc=f"segmenting nuclei ({segmenter.name})",
+    )
+    polygons, centroids, obs = runner.run(step, data, image_name=image_key)
+    provenance = {
+        "method": segmenter.name,
+        "image_key": image_key,
+        "params": params,
         "tile_size": int(tile_size),
         "overlap_um": float(overlap_um),
         "overlap_px": overlap_px,
@@ -460,14 +414,13 @@ def segment_cells(
         "tissue_key": tissue_key if mask is not None else None,
         "mpp": mpp,
         "seed": seed,
-        "execution": run_info,
-        "skipped_tiles": skipped,
+        **runner.provenance(),
     }
-    write_cells(
-        sdata, polygons, centroids, obs, key_added=key_added, overwrite=overwrite, provenance=provenance
+    table = write_cells(
+        target, polygons, centroids, obs, key_added=key_added, overwrite=overwrite, provenance=provenance
     )
-    if store is not None and not keep_scratch:
-        store.remove(todo)
+    runner.finish()
     logger.info(
         "Segmented %d nuclei in %d of %d tiles of %r.", len(polygons), len(todo), len(tiles), image_key
     )
+    return None if inplace else (table, target.shapes.get(K.shapes_key(key_added)))

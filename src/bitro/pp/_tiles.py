@@ -1,9 +1,12 @@
 """Tiling of a large image with overlap, and reading of one box as an RGB array.
 
-A grid of non-overlapping *core* squares of ``tile_size`` pixels covers the image; each tile is
-read with ``overlap`` extra pixels on every side (clipped to the image). Work done on the read box
-keeps only what belongs to the core (e.g. objects whose centroid lies in it), so every object is
-kept exactly once provided ``overlap`` exceeds the largest object's diameter.
+The one tiling system of ``bt.pp`` (segmentation and embedding both use it, through
+:mod:`bitro.pp._runner`). A grid of non-overlapping *core* squares of ``tile_size`` pixels covers the
+image; each tile is read with ``overlap`` extra pixels on every side (clipped to the image). Work
+done on the read box keeps only what belongs to the core (e.g. objects whose centroid lies in it),
+so every object is kept exactly once provided ``overlap`` exceeds the largest object's diameter.
+Segmentation keeps an object in the core that holds its centroid's nearest pixel
+(:meth:`Tile.in_core`); embedding groups cells with :func:`group_points`.
 
 All boxes are level-0 pixel index ranges ``[y0, y1) × [x0, x1)``; a pixel's centre sits at its
 integer index (x = column, y = row), the convention of ``obsm["spatial"]``.
@@ -110,6 +113,45 @@ def tile_grid(shape_yx: tuple[int, int], *, tile_size: int, overlap: int = 0) ->
                 )
             )
     return tiles
+
+
+def group_points(
+    xy: np.ndarray, shape_yx: tuple[int, int], *, tile_size: int
+) -> list[tuple[int, np.ndarray]]:
+    """Points grouped by the core of :func:`tile_grid` that contains them.
+
+    A point ``(x, y)`` belongs to the core ``[x0, x1) × [y0, y1)`` containing it as a continuous
+    coordinate (``floor(x / tile_size)``); points outside the image go to the nearest core, so every
+    point is in exactly one group. (This differs from :meth:`Tile.in_core`'s nearest-pixel rule only
+    within half a pixel of a core edge; cell embeddings have always been grouped this way, and
+    changing it would move the tile-mode features of every cell of a tile whose read box moved.)
+
+    Parameters
+    ----------
+    xy
+        ``(n, 2)`` points, x (column) then y (row), in pixels of the tiled image.
+    shape_yx
+        Image height and width in pixels.
+    tile_size
+        Side of the core squares (as in :func:`tile_grid`).
+
+    Returns
+    -------
+    ``(tile index, point indices)`` for every core holding at least one point, in the row-major
+    order of :func:`tile_grid`; the indices of each group are increasing.
+    """
+    height, width = (int(v) for v in shape_yx)
+    tile_size = int(tile_size)
+    n_ty, n_tx = max(1, math.ceil(height / tile_size)), max(1, math.ceil(width / tile_size))
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    tx = np.clip(np.floor(xy[:, 0] / tile_size), 0, n_tx - 1).astype(np.int64)
+    ty = np.clip(np.floor(xy[:, 1] / tile_size), 0, n_ty - 1).astype(np.int64)
+    key = ty * n_tx + tx
+    order = np.argsort(key, kind="stable")
+    tiles, starts = np.unique(key[order], return_index=True)
+    if not len(order):
+        return []
+    return list(zip((int(t) for t in tiles), np.split(order, starts[1:]), strict=True))
 
 
 def read_box(image: Any, box: tuple[int, int, int, int], *, fill: int = 255) -> np.ndarray:

@@ -204,7 +204,7 @@ def _choose_level(shapes: list[tuple[int, int]], mpp: float, target_mpp: float) 
 def detect_tissue(
     sdata: sd.SpatialData,
     *,
-    image_key: str = K.IMAGE,
+    image_key: str | None = None,
     target_mpp: float = 8.0,
     method: str = "otsu",
     min_area_um2: float = 5000.0,
@@ -226,7 +226,8 @@ def detect_tissue(
     sdata
         SpatialData with an RGB image ``image_key``.
     image_key
-        Image to analyse.
+        Image to analyse. ``None``: ``"he_normalized"`` when :func:`bitro.pp.normalize_stains` wrote
+        it, else ``"he"`` (logged; see :mod:`bitro.pp._image_key`).
     target_mpp
         Approximate µm per pixel of the mask.
     method
@@ -256,7 +257,9 @@ def detect_tissue(
     from spatialdata.transformations import Identity, Scale, Sequence, get_transformation
 
     from bitro.io._build import get_image, get_mpp, image_levels
+    from bitro.pp._image_key import resolve_image_key
 
+    image_key = resolve_image_key(sdata, image_key, step="detect_tissue")
     if method not in TISSUE_METHODS:
         msg = f"Unknown tissue detection method {method!r}; choose one of {list(TISSUE_METHODS)}."
         raise ValueError(msg)
