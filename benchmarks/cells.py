@@ -38,7 +38,9 @@ def _equal_split(cells: Any, spot_counts: np.ndarray, spot_names: Any, genes: li
 def _scores(test: Any, layer: str, genes: list[str]) -> dict[str, float]:
     import bitro as bt
 
-    ev = bt.tl.score_cells(test, table_key="cells_truth", pred_layer=layer, truth_layer="counts", genes=genes)
+    ev = bt.tl.score_cells(
+        test, table_key="cells_truth", pred_layer=layer, truth_layer="counts", genes=genes, inplace=False
+    )
     return {f"{r.metric}_{r.scale}": float(r.value) for r in ev.itertuples()} | {
         "n_cells": int(ev["n_units"].iloc[0])
     }

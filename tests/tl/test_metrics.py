@@ -282,10 +282,13 @@ def test_score_cells_against_truth_table(rng):
     sdata = sd.SpatialData(tables={"cells": pred_cells, "cells_truth": cells})
     from bitro.tl._metrics import score_cells
 
-    res = score_cells(sdata, truth_key="cells_truth")
+    res = score_cells(sdata, truth_key="cells_truth", inplace=False)
     assert (res.n_units == 37).all()
     np.testing.assert_allclose(res[res.metric == "pcc_gene"].value, 1.0, rtol=1e-6)
-    assert "bitro_cells_eval" not in pred_cells.uns
+    assert "bitro_cells_eval" not in pred_cells.uns  # inplace=False writes nothing
+    again = score_cells(sdata, truth_key="cells_truth")  # the default writes, like evaluate
+    pd.testing.assert_frame_equal(again, res)
+    assert "bitro_cells_eval" in pred_cells.uns
 
 
 def test_evaluate_skips_empty_units_on_library_size_and_records_scale(rng):

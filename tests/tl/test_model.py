@@ -314,3 +314,13 @@ def test_predicted_cells_cluster_with_scanpy(toy_slides):
     sc.pp.neighbors(sub, use_rep="X_bitro_expr", n_neighbors=10)
     sc.tl.leiden(sub, flavor="igraph", n_iterations=2, random_state=0)
     assert sub.obs["leiden"].nunique() >= 2
+
+
+def test_predict_follows_the_inplace_rule(toy_slides):
+    model = _fit(toy_slides[:2], max_epochs=1)
+    test = light_copy(toy_slides[2])
+    arrays = bt.tl.predict(model, test, inplace=False)
+    assert "bitro" not in test["spots"].layers and "bitro" not in test["cells"].layers  # nothing written
+    assert bt.tl.predict(model, test) is None
+    np.testing.assert_array_equal(arrays["units"], test["spots"].layers["bitro"])
+    np.testing.assert_array_equal(arrays["cells"], test["cells"].layers["bitro"])

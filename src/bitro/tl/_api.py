@@ -112,14 +112,40 @@ def predict(
     key_added: str = K.PRED,
     batch_size: int = 64,
     device: str | None = None,
+    inplace: bool = True,
     overwrite: bool = False,
-) -> sd.SpatialData:
+) -> dict[str, Any] | None:
     """Predict with ``model`` and write into ``sdata`` (see :meth:`bitro.tl.BiTroModel.predict`).
 
-    ``device=None`` means ``bt.settings.device``. Returns ``sdata`` (modified in place) for chaining.
+    Parameters
+    ----------
+    model
+        A trained model (:func:`fit`, :func:`transfer` or :meth:`bitro.tl.BiTroModel.load`).
+    sdata
+        The slide, preprocessed like the training slides.
+    key_added
+        Layer / ``obsm`` / ``uns`` key of the predictions.
+    batch_size
+        Bags per forward pass.
+    device
+        ``None`` means ``bt.settings.device``.
+    inplace
+        Write the predictions into ``sdata`` and return ``None`` (the package rule,
+        ``docs/contributing.md``); ``False``: write nothing and return the arrays that would be
+        written (``units``, ``cells`` and ``bulk`` when present).
+    overwrite
+        Replace existing prediction keys.
     """
-    model.predict(sdata, key_added=key_added, batch_size=batch_size, device=device, overwrite=overwrite)
-    return sdata
+    if inplace:
+        model.predict(sdata, key_added=key_added, batch_size=batch_size, device=device, overwrite=overwrite)
+        return None
+    from bitro.tl._cv import light_copy
+
+    tables = tuple(sdata.tables)
+    return model.predict(
+        light_copy(sdata, tables=tables), key_added=key_added, batch_size=batch_size, device=device,
+        overwrite=overwrite,
+    )  # fmt: skip
 
 
 def transfer(

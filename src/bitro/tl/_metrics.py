@@ -420,7 +420,7 @@ def score_cells(
     target_sum: float | None = None,
     genes: list[str] | None = None,
     key_added: str = f"{K.PRED}_cells",
-    inplace: bool = False,
+    inplace: bool = True,
     overwrite: bool = False,
 ) -> pd.DataFrame:
     """Score predicted pseudo single-cell expression against the true expression of the cells.
@@ -447,7 +447,8 @@ def score_cells(
         cells are matched by ``obs_names`` and genes by ``var_names``. Predicted cells missing
         from it are not scored.
     normalize, target_sum, genes, key_added, inplace, overwrite
-        As in :func:`evaluate`; by default nothing is written (``inplace=False``).
+        As in :func:`evaluate` (the package rule: ``inplace=True`` writes the scores, ``False`` only
+        returns them; the table is returned either way).
 
     Returns
     -------
