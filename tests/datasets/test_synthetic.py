@@ -263,6 +263,11 @@ def test_validates_and_round_trips(slide, tmp_path):
         ({"n_genes": 3}, "n_genes"),
         ({"n_cell_types": 0}, "n_cell_types"),
         ({"size": "big"}, "size"),
+        ({"mixing": -0.1}, "mixing"),
+        ({"mixing": 1.5}, "mixing"),
+        ({"mixing": "high"}, "mixing"),
+        ({"domain_size_um": 5.0}, "domain_size_um"),
+        ({"domain_size_um": True}, "domain_size_um"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -293,3 +298,38 @@ def test_full_size_slide():
     assert 1500 < cells.n_obs < 20000
     assert sdata["spots"].n_obs == 25
     assert sdata["spots"].obs["n_cells_truth"].sum() == cells.obs["spot_id"].notna().sum()
+
+
+def _types_per_spot(sdata) -> float:
+    """Mean number of distinct true cell types among the cells of a spot."""
+    obs = sdata["cells_truth"].obs
+    inside = obs[obs["spot_id"].notna()]
+    return float(inside.groupby("spot_id", observed=True)["cell_type"].nunique().mean())
+
+
+def test_mixing_and_domain_size_set_how_many_types_share_a_spot():
+    kw = {"size": 1000, "technology": "visium", "n_genes": 10, "seed": 0}
+    low, high = synthetic_tissue(mixing=0.0, **kw), synthetic_tissue(mixing=0.9, **kw)
+    assert _types_per_spot(high) > _types_per_spot(low) + 1.0
+    small, large = (synthetic_tissue(mixing=0.0, domain_size_um=d, **kw) for d in (30.0, 400.0))
+    assert _types_per_spot(small) > _types_per_spot(large) + 0.3
+    # no mixing and domains far larger than a spot: nearly every spot holds one type
+    assert _types_per_spot(large) < 1.5
+    assert high.attrs["bitro_synthetic"]["params"]["mixing"] == 0.9
+    assert small.attrs["bitro_synthetic"]["params"]["domain_size_um"] == 30.0
+    # the knobs change where the types are, not what a type looks like or expresses
+    assert high.attrs["bitro_synthetic"]["markers"] == low.attrs["bitro_synthetic"]["markers"]
+
+
+def test_default_knobs_are_recorded_and_change_nothing():
+    default = synthetic_tissue(size=500, technology="visium", n_genes=10, seed=4)
+    explicit = synthetic_tissue(
+        size=500, technology="visium", n_genes=10, seed=4, mixing=0.06, domain_size_um=110
+    )
+    assert default.attrs["bitro_synthetic"]["params"]["mixing"] == 0.06
+    assert default.attrs["bitro_synthetic"]["params"]["domain_size_um"] == 110.0
+    assert np.array_equal(np.asarray(default["he"]), np.asarray(explicit["he"]))
+    other = synthetic_tissue(size=500, technology="visium", n_genes=10, seed=4, mixing=0.5)
+    assert not np.array_equal(
+        default["cells_truth"].obs["cell_type"].to_numpy(), other["cells_truth"].obs["cell_type"].to_numpy()
+    )

@@ -39,6 +39,8 @@ N_PROGRAMS = 3
 """Number of smooth spatial expression programs."""
 MPP_RANGE = (0.1, 2.0)
 MAX_CELL_TYPES = 12
+DOMAIN_SIZE_RANGE_UM = (20.0, 1000.0)
+"""Valid correlation lengths (µm) of the cell-type domains."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,27 @@ def _spot_grid(
     return np.column_stack([x[inside], y[inside]]), ids
 
 
+def _check_mixing(domain_size_um: float, mixing: float) -> None:
+    lo, hi = DOMAIN_SIZE_RANGE_UM
+    number = (int, float, np.integer, np.floating)
+    if (
+        isinstance(domain_size_um, bool)
+        or not isinstance(domain_size_um, number)
+        or not lo <= domain_size_um <= hi
+    ):
+        msg = (
+            f"domain_size_um must be a number of µm in [{lo:g}, {hi:g}], got {domain_size_um!r}; "
+            f"{R.DOMAIN_SIZE_UM:g} (the default) makes domains about one ST spot wide."
+        )
+        raise ValueError(msg)
+    if isinstance(mixing, bool) or not isinstance(mixing, number) or not 0.0 <= mixing <= 1.0:
+        msg = (
+            f"mixing must be a number in [0, 1] (share of cells whose type ignores the domains), got {mixing!r}; "
+            f"0 gives pure domains, 1 no domains, {R.MIXING:g} is the default."
+        )
+        raise ValueError(msg)
+
+
 def _check_args(
     n_slides: int, size: int | tuple[int, int], technology: str, n_genes: int, n_cell_types: int, mpp: float
 ) -> tuple[int, int, _Technology]:
@@ -181,6 +204,8 @@ def synthetic_tissue(
     n_genes: int = 200,
     n_cell_types: int = 5,
     mpp: float = 0.5,
+    domain_size_um: float = R.DOMAIN_SIZE_UM,
+    mixing: float = R.MIXING,
     seed: int | None = None,
 ) -> sd.SpatialData | list[sd.SpatialData]:
     """Generate synthetic H&E slides with ground-truth cells, spot counts and bulk profiles.
@@ -196,6 +221,13 @@ def synthetic_tissue(
     Slides of one call share the cell-type appearance and expression profiles and differ in
     layout. Slide ``i`` depends only on ``seed`` and ``i`` (not on ``n_slides``).
 
+    How many cells and how many types a spot holds follows from three knobs: ``technology`` (spot
+    size), ``domain_size_um`` (how large the cell-type domains are) and ``mixing`` (how many cells
+    ignore their domain). At the defaults an ST spot holds about 24 cells of 3 types (the dominant
+    type ≈ 73% of them), like the legacy ST spots of HER2ST, and a Visium spot about 7 cells of 2 types.
+    Smaller domains or more mixing put more types into a spot, which is what separates a method that
+    tells the cells of a spot apart from an equal split of the spot.
+
     Parameters
     ----------
     n_slides
@@ -203,7 +235,9 @@ def synthetic_tissue(
     size
         Image size in pixels: ``n`` for ``n × n`` or ``(height, width)``. It must hold at least one spot.
     technology
-        ``"ST"``: 100 µm spots on a 200 µm square grid; ``"visium"``: 55 µm spots on a 100 µm hexagonal grid.
+        Spot layout. ``"ST"``: legacy Spatial Transcriptomics as in HER2ST, 100 µm spots on a 200 µm square
+        grid (about 24 cells per spot at the default density); ``"visium"``: 55 µm spots on a 100 µm
+        hexagonal grid (about 7 cells per spot).
     n_genes
         Number of genes (≥ ``n_cell_types``). The first genes are the type markers (real marker
         names for the built-in types, e.g. ``EPCAM`` for tumour), the others ``GENE0001``….
@@ -211,6 +245,17 @@ def synthetic_tissue(
         Number of cell types, 1–12.
     mpp
         µm per pixel, in [0.1, 2]; nuclei are 6–13 µm long whatever the pixel size.
+    domain_size_um
+        Spatial scale of the cell-type domains: the correlation length (µm, in [20, 1000]) of the smooth
+        random field of each type whose soft maximum decides the local type. The default 110 µm makes
+        domains about one ST spot wide; 40 µm puts several domains into an ST spot, 400 µm makes
+        large uniform regions.
+    mixing
+        How mixed the types are within a domain (and hence within a spot), in [0, 1]: the share of cells
+        whose type is drawn uniformly over the types regardless of the domain (then thinned by that
+        type's density); less mixing also sharpens the domain borders (softmax gain ``3 * sqrt(0.06 /
+        mixing)`` over the domain fields). 0 gives pure domains (one type each, meeting at sharp
+        borders), 1 no domains at all (types independent of position). Default 0.06.
     seed
         Random seed (``None``: ``bt.settings.seed``).
 
@@ -242,15 +287,18 @@ def synthetic_tissue(
     ------
     ValueError
         For ``n_slides < 1``, an unknown technology, an image too small for one spot, ``mpp``
-        outside [0.1, 2], ``n_cell_types`` outside 1–12 or fewer genes than cell types.
+        outside [0.1, 2], ``n_cell_types`` outside 1–12, fewer genes than cell types,
+        ``domain_size_um`` outside [20, 1000] or ``mixing`` outside [0, 1].
 
     Examples
     --------
     >>> import bitro as bt
     >>> sdata = bt.datasets.synthetic_tissue(size=800, seed=0)
     >>> train = bt.datasets.synthetic_tissue(3, size=1200, technology="visium", seed=1)
+    >>> mixed = bt.datasets.synthetic_tissue(size=1200, technology="visium", mixing=0.5, seed=1)
     """
     height, width, tech = _check_args(n_slides, size, technology, n_genes, n_cell_types, mpp)
+    _check_mixing(domain_size_um, mixing)
     seed = resolve_seed(seed)
     root = np.random.SeedSequence(seed)
     shared_rng = np.random.default_rng(root.spawn(1)[0])
@@ -264,6 +312,8 @@ def synthetic_tissue(
         "n_genes": int(n_genes),
         "n_cell_types": int(n_cell_types),
         "mpp": float(mpp),
+        "domain_size_um": float(domain_size_um),
+        "mixing": float(mixing),
     }
     slides = [
         _make_slide(np.random.default_rng(ss), i, height, width, float(mpp), tech, styles, expr, params, seed)
@@ -290,7 +340,16 @@ def _make_slide(
     from bitro.io._build import image_element, set_scale
 
     slide_id = f"synthetic_{index}"
-    layout = R.make_layout(rng, height, width, mpp, styles, N_PROGRAMS)
+    layout = R.make_layout(
+        rng,
+        height,
+        width,
+        mpp,
+        styles,
+        N_PROGRAMS,
+        domain_size_um=params["domain_size_um"],
+        mixing=params["mixing"],
+    )
     nuclei = R.place_nuclei(rng, layout, styles)
     chromatin = R.chromatin_noise(rng, (height, width), mpp)
     nuclei_od, labels = R.draw_nuclei(nuclei, styles, (height, width), chromatin)

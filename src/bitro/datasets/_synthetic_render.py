@@ -29,6 +29,12 @@ N_VERTICES = 32
 """Vertices of each nucleus polygon."""
 OVERSAMPLE = 2.5
 """Candidate nuclei drawn per target nucleus before the minimum-spacing thinning."""
+DOMAIN_SIZE_UM = 110.0
+"""Default correlation length of the cell-type domain fields (µm)."""
+DOMAIN_SHARPNESS = 3.0
+"""Gain of the softmax that turns the domain fields into type probabilities at the default mixing."""
+MIXING = 0.06
+"""Default share of cells whose type ignores the domains (drawn uniformly over the types)."""
 
 
 @dataclass(frozen=True)
@@ -184,15 +190,28 @@ def make_layout(
     mpp: float,
     styles: list[CellTypeStyle],
     n_programs: int,
+    *,
+    domain_size_um: float = DOMAIN_SIZE_UM,
+    mixing: float = MIXING,
 ) -> Layout:
-    """Draw the domain, tissue, fibre and expression-program fields of one slide."""
+    """Draw the domain, tissue, fibre and expression-program fields of one slide.
+
+    Each type has a smooth random score field of correlation length ``domain_size_um``; the type
+    probability at a point is ``(1 - mixing) * softmax(gain * scores) + mixing / T`` with
+    ``gain = DOMAIN_SHARPNESS * sqrt(MIXING / mixing)``: ``mixing`` is the share of cells whose type is
+    drawn regardless of the domain, and less mixing also makes the domains purer (at ``mixing = 0``
+    the type with the highest score takes the whole domain).
+    """
     grid = Grid(height, width, mpp)
-    scores = np.stack([grid.field(rng, 110.0) for _ in styles])
-    logits = 3.0 * scores
-    logits -= logits.max(axis=0, keepdims=True)
-    prob = np.exp(logits)
-    prob /= prob.sum(axis=0, keepdims=True)
-    prob = 0.94 * prob + 0.06 / len(styles)
+    scores = np.stack([grid.field(rng, domain_size_um) for _ in styles])
+    if mixing > 0:
+        logits = DOMAIN_SHARPNESS * float(np.sqrt(MIXING / mixing)) * scores
+        logits -= logits.max(axis=0, keepdims=True)
+        prob = np.exp(logits)
+        prob /= prob.sum(axis=0, keepdims=True)
+    else:
+        prob = (scores == scores.max(axis=0, keepdims=True)).astype(scores.dtype)
+    prob = (1.0 - mixing) * prob + mixing / len(styles)
 
     glass_fraction = float(rng.uniform(0.05, 0.2))
     tissue_field = grid.field(rng, 120.0) + 0.25 * grid.field(rng, 25.0)
