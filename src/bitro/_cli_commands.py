@@ -311,12 +311,12 @@ def pipeline_options(args: argparse.Namespace) -> Any:
     """The :func:`bitro.pp.run_pipeline` steps and options that ``bitro preprocess`` asks for."""
     from bitro.pp._encoders import check_encoder_name
     from bitro.pp._pipeline import pipeline_options as options
-    from bitro.pp._segment import _resolve_method
+    from bitro.pp._segmenters import get_segmenter
 
     # a misspelt name or a missing checkpoint fails here, not after the slide was read and normalised
     check_encoder_name(args.encoder)
     if args.segment != "none":
-        _resolve_method(args.segment)
+        get_segmenter(args.segment)
     steps: list[Any] = [] if args.stain == "none" else ["normalize_stains"]
     steps += ["detect_tissue", _require_cells if args.segment == "none" else "segment_cells", "embed_cells"]
     steps += {"assign": [_require_spots, "assign_cells"], "patches": ["make_patches"], None: ["bags"]}[

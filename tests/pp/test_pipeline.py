@@ -153,7 +153,7 @@ def test_an_existing_folder_not_written_by_the_pipeline_is_not_touched(slides, t
 
 
 def test_a_second_run_into_the_same_folder_is_refused(slides, tmp_path, monkeypatch):
-    from bitro.pp import _pipeline
+    from bitro.pp import _manifest
 
     out = tmp_path / "out"
     seen = []
@@ -165,17 +165,17 @@ def test_a_second_run_into_the_same_folder_is_refused(slides, tmp_path, monkeypa
 
     report = bt.pp.run_pipeline([slides["s0"]], out=out, steps=["detect_tissue", nested], client=False)
     assert report.loc[0, "status"] == "done" and len(seen) == 1 and f"pid {os.getpid()}" in seen[0]
-    assert not (out / "s1.zarr").exists() and not (out / _pipeline.LOCK).exists()  # released
+    assert not (out / "s1.zarr").exists() and not (out / _manifest.LOCK).exists()  # released
 
     # a lock left by a killed process on this host is taken over
-    (out / _pipeline.LOCK).write_text(
-        json.dumps({"pid": 2**22 + 12345, "host": _pipeline.socket.gethostname()})
+    (out / _manifest.LOCK).write_text(
+        json.dumps({"pid": 2**22 + 12345, "host": _manifest.socket.gethostname()})
     )
-    monkeypatch.setattr(_pipeline.os, "kill", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError()))
+    monkeypatch.setattr(_manifest.os, "kill", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError()))
     report = bt.pp.run_pipeline([slides["s1"]], out=out, steps=["detect_tissue"], client=False)
-    assert report.loc[0, "status"] == "done" and not (out / _pipeline.LOCK).exists()
+    assert report.loc[0, "status"] == "done" and not (out / _manifest.LOCK).exists()
     # a live one (another host: cannot be checked) is respected
-    (out / _pipeline.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "today"}))
+    (out / _manifest.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "today"}))
     with pytest.raises(FileExistsError, match="pid 1 on elsewhere"):
         bt.pp.run_pipeline([slides["s2"]], out=out, steps=["detect_tissue"], client=False)
     assert not (out / "s2.zarr").exists()

@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
-import json
 import os
-import re
-import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,156 +28,28 @@ from bitro import _keys as K
 from bitro._files import check_replaceable
 from bitro._files import remove_path as _remove
 from bitro._logging import logger
-from bitro._settings import progress, resolve_seed, settings
+from bitro._settings import progress, settings
 from bitro.io._zarr import write_store
-from bitro.pp._scratch import check_scratch_dir, check_writable_dir, clear_scratch_dir, disk_full
+from bitro.pp._manifest import (
+    MANIFEST,
+    Manifest,
+    param_changes,
+    remove_partials,
+    run_lock,
+    slide_params,
+)
+from bitro.pp._scratch import check_writable_dir, disk_full
+from bitro.pp._steps import (
+    STEPS,
+    PipelineOptions,
+    Step,
+    apply_steps,
+    pipeline_options,
+    remove_slide_scratch,
+    slide_scratch,
+)
 
-STEPS = ("normalize_stains", "detect_tissue", "segment_cells", "embed_cells", "assign_cells")
-KNOWN_STEPS = (*STEPS, "make_patches", "bags")
-MANIFEST = "manifest.json"
-#: Lock file of a run in progress (one run per ``out`` folder at a time).
-LOCK = ".bitro-run.lock"
 COLUMNS = ("name", "status", "seconds", "n_cells", "error")
-_PARTIAL = re.compile(r"^\..+\.zarr\.partial-\d+(\.old)?$")
-
-Step = str | Callable[[Any], Any]
-
-
-# ------------------------------------------------------------------------------------------ steps
-@dataclass(frozen=True)
-class PipelineOptions:
-    """What :func:`apply_steps` runs on each slide (built and validated by :func:`pipeline_options`)."""
-
-    steps: tuple[Step, ...]
-    stain_method: str = K.STAIN_METHOD
-    segment_method: str = "watershed"
-    encoder: Any = "efficientnet_lite0"
-    mode: str = "tile"
-    patch_um: float | None = None
-    device: str = "auto"
-    seed: int = 0
-    overwrite: bool = False
-    step_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    scratch_dir: str | None = None
-
-
-def pipeline_options(
-    steps: Sequence[Step] = STEPS,
-    *,
-    step_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    scratch_dir: str | os.PathLike[str] | None = None,
-    **options: Any,
-) -> PipelineOptions:
-    """Check the steps and fill the defaults (seed and device from ``bt.settings``).
-
-    ``scratch_dir`` is checked (created and probe-written) and stored as an absolute path, so that
-    workers of a cluster resolve it alike.
-    """
-    if isinstance(steps, str) or callable(steps):
-        steps = [steps]
-    steps = tuple(steps)
-    for step in steps:
-        if not callable(step) and step not in KNOWN_STEPS:
-            msg = f"unknown step {step!r}; use one of {KNOWN_STEPS} or a function taking the SpatialData."
-            raise ValueError(msg)
-    if not steps:
-        msg = f"steps is empty; give some of {KNOWN_STEPS}."
-        raise ValueError(msg)
-    step_kwargs = dict(step_kwargs or {})
-    for name in step_kwargs:
-        if name not in KNOWN_STEPS:
-            msg = f"step_kwargs has unknown step {name!r}; keys must be among {KNOWN_STEPS}."
-            raise ValueError(msg)
-    return PipelineOptions(
-        steps=steps,
-        seed=resolve_seed(seed),
-        device=settings.device if device is None else device,
-        step_kwargs=step_kwargs,
-        scratch_dir=None if scratch_dir is None else str(check_scratch_dir(scratch_dir).resolve()),
-        **options,
-    )
-
-
-#: Subfolders of a slide's scratch folder, per step that writes tiles there.
-SCRATCH_SUBFOLDERS = {"segment_cells": "segment", "embed_cells": "embed"}
-
-
-def slide_scratch(options: PipelineOptions, name: str) -> Path | None:
-    """``scratch_dir/<name>`` of one slide, or ``None`` without ``scratch_dir``."""
-    return None if options.scratch_dir is None else Path(options.scratch_dir) / name
-
-
-def remove_slide_scratch(scratch: Path | None) -> None:
-    """Delete the tile files the steps left in ``scratch`` (see :func:`slide_scratch`), nothing else."""
-    if scratch is None:
-        return
-    for sub in SCRATCH_SUBFOLDERS.values():
-        clear_scratch_dir(scratch / sub)
-    with contextlib.suppress(OSError):
-        scratch.rmdir()  # only when empty
-
-
-def _has_spots(sdata: Any) -> bool:
-    return K.SPOTS in sdata.tables
-
-
-def apply_steps(sdata: Any, options: PipelineOptions, *, scratch: Path | None = None) -> Any:
-    """Run ``options.steps`` on one slide, in place; later steps use the stain-normalised image.
-
-    With ``scratch`` (the slide's folder, :func:`slide_scratch`), segmentation and embedding write
-    their tiles to its subfolders ``segment`` and ``embed`` and keep them (a rerun of a slide that
-    failed later resumes); :func:`remove_slide_scratch` deletes them once the slide is written.
-    """
-    import bitro as bt
-
-    ow, seed = options.overwrite, options.seed
-    image = K.IMAGE
-    bags = []
-    for step in options.steps:
-        if callable(step):
-            step(sdata)
-            continue
-        extra = dict(options.step_kwargs.get(step, {}))
-        if step == "bags":
-            step = "assign_cells" if _has_spots(sdata) else "make_patches"
-            extra = dict(options.step_kwargs.get(step, {})) | extra
-        if step == "normalize_stains":
-            kw = {"image_key": K.IMAGE, "method": options.stain_method, "overwrite": ow, "seed": seed}
-            kw |= extra
-            bt.pp.normalize_stains(sdata, **kw)
-            image = kw.get("key_added", K.IMAGE_NORMALIZED)
-        elif step == "detect_tissue":
-            bt.pp.detect_tissue(sdata, **({"image_key": image, "overwrite": ow} | extra))
-        elif step == "segment_cells":
-            kw = {"image_key": image, "method": options.segment_method, "overwrite": ow, "seed": seed}
-            kw |= _scratch_kwargs(scratch, step)
-            bt.pp.segment_cells(sdata, **(kw | extra))
-        elif step == "embed_cells":
-            kw = {"image_key": image, "encoder": options.encoder, "mode": options.mode}
-            kw |= {"device": options.device, "overwrite": ow, "seed": seed} | _scratch_kwargs(scratch, step)
-            bt.pp.embed_cells(sdata, **(kw | extra))
-        elif step == "assign_cells":
-            if not _has_spots(sdata):
-                logger.info("no %r table: assign_cells skipped", K.SPOTS)
-                continue
-            bt.pp.assign_cells(sdata, **({"overwrite": ow} | extra))
-            bags.append("assign")
-        elif step == "make_patches":
-            bt.pp.make_patches(sdata, **({"size_um": options.patch_um, "overwrite": ow} | extra))
-            bags.append("patches")
-    if K.CELLS in sdata.tables:
-        cells = sdata.tables[K.CELLS]
-        features = cells.obsm[K.EMBEDDING].shape[1] if K.EMBEDDING in cells.obsm else 0
-        logger.info("%d cells, %d features; bags: %s", cells.n_obs, features, "+".join(bags) or "none")
-    return sdata
-
-
-def _scratch_kwargs(scratch: Path | None, step: str) -> dict[str, Any]:
-    if scratch is None:
-        return {}
-    return {"scratch_dir": scratch / SCRATCH_SUBFOLDERS[step], "keep_scratch": True}
 
 
 # --------------------------------------------------------------------------------------- one slide
@@ -284,150 +151,6 @@ def _process_slide(
         _write(sdata, Path(out), name, overwrite=options.overwrite)
     remove_slide_scratch(scratch)
     return {"n_cells": n_cells, "seconds": round(time.perf_counter() - start, 3)}
-
-
-# ---------------------------------------------------------------------------------------- manifest
-class _Manifest:
-    """``out/manifest.json``: one entry per slide, rewritten atomically (temp file + ``os.replace``)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / MANIFEST
-        self.slides: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-                self.slides = dict(data["slides"])
-            except (ValueError, KeyError, TypeError) as err:
-                msg = (
-                    f"{str(self.path)!r} is not a bitro pipeline manifest ({err}); move it away or choose "
-                    "another out folder."
-                )
-                raise ValueError(msg) from err
-
-    def status(self, name: str) -> str | None:
-        return self.slides.get(name, {}).get("status")
-
-    def update(self, entries: Mapping[str, Mapping[str, Any]]) -> None:
-        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        for name, entry in entries.items():
-            self.slides[name] = {**self.slides.get(name, {}), **entry, "updated": now}
-        tmp = self.path.with_name(f".{MANIFEST}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        tmp.write_text(json.dumps({"format": "bitro.pp.run_pipeline", "slides": self.slides}, indent=1))
-        os.replace(tmp, self.path)
-
-
-def slide_params(options: PipelineOptions, reader: str | None = None) -> dict[str, Any]:
-    """What a slide's output depends on, as JSON values (recorded per slide in the manifest).
-
-    Steps given as functions are named by module and qualified name, encoder objects by class (and
-    ``name`` when they have one); the device is left out (it does not change what is computed).
-    """
-
-    def named(obj: Any) -> str:
-        if isinstance(obj, str):
-            return obj
-        label = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
-        return f"{label}:{obj.name}" if isinstance(getattr(obj, "name", None), str) else label
-
-    params = {
-        "steps": [named(step) for step in options.steps],
-        "reader": reader,
-        "stain_method": options.stain_method,
-        "segment_method": named(options.segment_method),
-        "encoder": named(options.encoder)
-        if not isinstance(options.encoder, os.PathLike)
-        else str(options.encoder),
-        "mode": options.mode,
-        "patch_um": options.patch_um,
-        "seed": options.seed,
-        "step_kwargs": options.step_kwargs,
-    }
-    return json.loads(json.dumps(params, sort_keys=True, default=repr))
-
-
-def _param_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-@contextlib.contextmanager
-def _run_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder/.bitro-run.lock`` while a run writes into ``folder``; refuse a second run.
-
-    A lock left by a run that was killed (same host, process gone) is taken over with a warning.
-    """
-    path = folder / LOCK
-    me = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-    for _attempt in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is not None and _lock_is_stale(holder):
-                logger.warning(
-                    "%s was left by run %s (pid %s, started %s), which no longer runs; taking it over.",
-                    path,
-                    holder.get("host"),
-                    holder.get("pid"),
-                    holder.get("started"),
-                )
-                path.unlink(missing_ok=True)
-                continue
-            who = (
-                f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
-                if holder
-                else "a run that is starting"
-            )
-            msg = (
-                f"Another bitro cohort run ({who}) is writing into {str(folder)!r}; two runs into one folder "
-                f"would delete each other's work. Wait for it to finish or use another out folder. If no run "
-                f"is active, delete {str(path)!r}."
-            )
-            raise FileExistsError(msg) from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
-        break
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _lock_holder(path: Path) -> dict[str, Any] | None:
-    try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _lock_is_stale(holder: Mapping[str, Any]) -> bool:
-    """True when the lock's process ran on this host and is gone."""
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _remove_partials(folder: Path, names: Sequence[str] | None = None) -> None:
-    """Delete partial folders left by a killed run (only names matching the partial pattern)."""
-    for path in folder.iterdir():
-        if not _PARTIAL.match(path.name):
-            continue
-        if names is not None and not any(path.name.startswith(f".{n}.zarr.partial-") for n in names):
-            continue
-        logger.info("removing %s (left by an interrupted run)", path)
-        _remove(path)
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -623,7 +346,7 @@ def run_pipeline(
     )
     named = _named_inputs(inputs)
     folder = check_writable_dir(out, name="out", holds="the slides' zarr stores and manifest.json")
-    with _run_lock(folder):
+    with run_lock(folder):
         return _run_locked(named, folder, options, reader, retries, client)
 
 
@@ -637,8 +360,8 @@ def _run_locked(
 ) -> pd.DataFrame:
     """The body of :func:`run_pipeline`, run while this process holds the folder's lock."""
     overwrite = options.overwrite
-    manifest = _Manifest(folder)
-    _remove_partials(folder)
+    manifest = Manifest(folder)
+    remove_partials(folder)
     params = slide_params(options, reader)
 
     rows: dict[str, dict[str, Any]] = {}
@@ -666,7 +389,7 @@ def _run_locked(
                     MANIFEST,
                 )
             elif entry["params"] != params:
-                changed[name] = _param_changes(entry["params"], params)
+                changed[name] = param_changes(entry["params"], params)
                 continue
             if entry is not None and entry.get("status") != "done":  # killed after rename, before update
                 manifest.update({name: {"status": "done", "error": None}})
@@ -701,7 +424,7 @@ def _run_locked(
                 bar.update(1)
         finally:
             bar.close()
-        _remove_partials(folder, pending)  # those of workers that died mid-slide
+        remove_partials(folder, pending)  # those of workers that died mid-slide
     table = pd.DataFrame([{"name": n, **rows[n]} for n in named], columns=list(COLUMNS))
     return table.astype({"n_cells": "Int64"})
 
