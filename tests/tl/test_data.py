@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitro.pp._bags import within_bag_knn
+from bitro.pp._graph import within_bag_knn
 from bitro.tl._data import build_bags, collate, quantise_positions
 from bitro.tl._targets import TargetTransform
 

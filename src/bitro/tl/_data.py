@@ -18,7 +18,7 @@ import pandas as pd
 from bitro import _keys as K
 from bitro._logging import logger
 from bitro.io._build import get_mpp, get_scale, get_table
-from bitro.pp._bags import within_bag_knn
+from bitro.pp._graph import within_bag_knn
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -176,7 +176,7 @@ def build_bags(
     graphs
         Per slide, a within-bag kNN graph already built for exactly these bags (``(src, dst)`` rows of
         the cells table, e.g. from :func:`bitro.pp.cell_graph`), or ``None`` to build it here with
-        :func:`bitro.pp._bags.within_bag_knn` (the same builder, so both give the same edges).
+        :func:`bitro.pp._graph.within_bag_knn` (the same builder, so both give the same edges).
 
     Returns
     -------

@@ -192,7 +192,7 @@ def fit_features(
 
 def stored_graph(cells: ad.AnnData, bag_key: str, k: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The within-bag graph :func:`bitro.pp.cell_graph` stored, if built for these bags and this ``k``."""
-    from bitro.pp._bags import _bag_codes, bag_fingerprint
+    from bitro.pp._graph import _bag_codes, bag_fingerprint
 
     entry = cells.uns.get(f"{K.SPATIAL}_neighbors")
     if not isinstance(entry, dict) or K.CONNECTIVITIES not in cells.obsp:

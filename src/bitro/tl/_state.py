@@ -159,13 +159,13 @@ _OPTION_TYPES = {"setup": lambda: SetupConfig, "net": _net_config_type, "train":
 
 
 def _projection_type() -> Any:
-    from bitro.pp._reduce import FeatureProjection
+    from bitro.pp._projection import FeatureProjection
 
     return FeatureProjection
 
 
 def _phenotype_type() -> Any:
-    from bitro.pp._reduce import PhenotypeModel
+    from bitro.pp._phenotypes import PhenotypeModel
 
     return PhenotypeModel
 
