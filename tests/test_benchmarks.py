@@ -305,3 +305,10 @@ def test_composition_markdown_counts_the_types_above_the_equal_split():
     md = composition.markdown(fake_composition([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1, -0.1]))
     assert "on 3 of 8 types; does **not** reach" in md
     assert "does **not** reach" in main.build_page({"composition": {**res, "markdown": md}})
+    fits = [
+        {"head": "attention", "within_spot_score_share": 0.25},
+        {"head": "attention", "within_spot_score_share": 0.35},
+    ]
+    assert "30% of its cells' marker-score variance lies within spots" in composition.markdown(
+        {**res, "fits": fits}
+    )

@@ -62,6 +62,17 @@ def test_type_cells_recovers_planted_types_at_any_depth(rng):
     assert cells.uns["marker_type"]["params"]["normalize"] is True
 
 
+def test_type_cells_gives_types_with_few_markers_no_advantage_by_chance(rng):
+    """On pure noise, a type scored from one marker is not the max more often than types with eight."""
+    genes = ["a"] + [f"b{i}" for i in range(8)] + [f"c{i}" for i in range(8)]
+    cells = ad.AnnData(X=rng.normal(5.0, 1.0, size=(3000, len(genes))), var=pd.DataFrame(index=genes))
+    markers = {"A": ["a"], "B": genes[1:9], "C": genes[9:]}
+    typed = bt.tl.type_cells(cells, layer=None, normalize=False, markers=markers, inplace=False)
+    share = typed["marker_type"].value_counts(normalize=True)
+    assert share.between(0.28, 0.39).all(), share  # a fair third each (unstandardised: A wins 43%)
+    np.testing.assert_allclose(typed[["A", "B", "C"]].std(axis=0, ddof=0), 1.0)
+
+
 def test_type_cells_scores_do_not_depend_on_depth(rng):
     """A cell and a copy of it with ten times the counts get the same scores (and differ without normalize)."""
     cells, _ = planted_cells(rng, depth_spread=False)

@@ -6,8 +6,10 @@ spots (e.g. :func:`bitro.datasets.her2st_proportions`). An equal split of a spot
 every cell of the spot the same profile, hence one type per spot: it cannot produce mixtures.
 
 Scoring is deterministic (no random reference genes, unlike :func:`scanpy.tl.score_genes`): each
-marker gene is z-scored across the scored observations and a type's score is the mean z-score of
-its markers; a cell gets the type with the highest score (ties go to the type listed first).
+marker gene is z-scored across the scored observations, a type's score is the mean z-score of its
+markers, standardised across the observations (a mean of few markers varies more than a mean of
+many, and would otherwise win the comparison more often by chance); a cell gets the type with the
+highest score (ties go to the type listed first).
 """
 
 from __future__ import annotations
@@ -177,6 +179,9 @@ def _scores(
         z = np.divide(rows - mean, sd, out=np.zeros_like(rows), where=sd > 0)
         for j, gs in enumerate(used.values()):
             scores[scored, j] = z[:, index.get_indexer(gs)].mean(axis=1)
+        part = scores[scored]
+        mean, sd = part.mean(axis=0), part.std(axis=0)
+        scores[scored] = np.divide(part - mean, sd, out=np.zeros_like(part), where=sd > 0)
     return scores, scored, used, missing
 
 
@@ -194,8 +199,9 @@ def type_cells(
     """Type each cell (or any observation) by the marker genes of each cell type.
 
     Each marker gene is z-scored across the scored observations; a type's score is the mean z-score
-    of its markers present in the data, and each observation gets the type with the highest score
-    (ties: the type listed first). Deterministic.
+    of its markers present in the data, standardised across the observations (so that types with few
+    and with many markers compete on equal terms), and each observation gets the type with the
+    highest score (ties: the type listed first). Deterministic.
 
     Parameters
     ----------
