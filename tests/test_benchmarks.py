@@ -433,3 +433,44 @@ def cells_oracle() -> str:
     from benchmarks import cells
 
     return cells.ORACLE_EQUAL
+
+
+def fake_composition(model_values: list[float]) -> dict:
+    """One fold; the equal split has Spearman 0.2 on every type but NaN on the last (a type no spot got)."""
+    from benchmarks import composition
+
+    rows = []
+    for method, values in (
+        ("bitro (attention head) cells", model_values),
+        (composition.EQUAL, [0.2] * 7 + [float("nan")]),
+    ):
+        for t, v in zip(composition.TYPES, values, strict=True):
+            rows.append(
+                {"test": "C2", "method": method, "type": t, "spearman": v, "pvalue": 0.01, "n_spots": 60,
+                 "mixture_share": 0.5 if method.startswith("bitro") else 0.0}
+            )  # fmt: skip
+    protocol = {
+        "sections": ["C2", "C3"], "folds": ["C2"], "heads": ["attention"], "n_genes": 785,
+        "bitro_fit_kwargs": {"max_epochs": 3, "n_components": 32}, "window_half_px": 1500, "n_phenotypes": 16,
+    }  # fmt: skip
+    return {"name": "composition", "meta": {**META, "quick": True}, "protocol": protocol, "rows": rows}
+
+
+def test_composition_markdown_counts_the_types_above_the_equal_split():
+    from benchmarks import composition
+
+    # above 0.2 on four types, below on three, and 0.1 > NaN (counted as 0) on the last: 5 of 8
+    res = fake_composition([0.3, 0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1])
+    md = composition.markdown(res)
+    assert "above the equal split on 5 of 8 types; reaches the issue-13 target" in md
+    assert "| bitro (attention head) cells | 0.30 |" in md and "| 5/8 |" in md
+    md = composition.markdown(fake_composition([0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1, -0.1]))
+    assert "on 3 of 8 types; does **not** reach" in md
+    assert "does **not** reach" in main.build_page({"composition": {**res, "markdown": md}})
+    fits = [
+        {"head": "attention", "within_spot_score_share": 0.25},
+        {"head": "attention", "within_spot_score_share": 0.35},
+    ]
+    assert "30% of its cells' marker-score variance lies within spots" in composition.markdown(
+        {**res, "fits": fits}
+    )

@@ -8,6 +8,7 @@ _EXPORTS = {
     "her2st": "._kit",
     "her2st_sections": "._kit",
     "her2st_genes": "._kit",
+    "her2st_proportions": "._deconv",
     "data_dir": "._kit",
 }
 __all__ = sorted(_EXPORTS)
