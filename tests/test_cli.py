@@ -330,7 +330,7 @@ def test_preprocess_st_reader_with_files_in_a_folder(synthetic_zarr, tmp_path, c
     assert "he_normalized" not in sdata.images  # --stain none
     capsys.readouterr()
     assert main(["preprocess", str(folder), "--reader", "st", "--out", str(tmp_path / "o.zarr")]) == 2
-    assert "needs --counts and --spots" in capsys.readouterr().err
+    assert "needs spots= (--spots)" in capsys.readouterr().err
 
 
 def test_preprocess_cohort_skips_done_slides_and_reports_failures(synthetic_zarr, tmp_path, capsys):

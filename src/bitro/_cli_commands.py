@@ -202,39 +202,9 @@ def _read_bulk(path: str | None) -> Any:
     return table.iloc[:, 0]
 
 
-def _st_paths(path: Path, args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
-    base = path if path.is_dir() else path.parent
-    if path.is_dir():
-        if args.counts is None or args.spots is None:
-            msg = f"--reader st with the folder {str(path)!r} needs --counts and --spots (file names in it)."
-            raise ValueError(msg)
-        counts = base / args.counts
-    else:
-        counts = path
-        if args.spots is None:
-            msg = "--reader st needs --spots (the spot coordinates file)."
-            raise ValueError(msg)
-    spots = base / args.spots if path.is_dir() else Path(args.spots)
-    image = None if args.image is None else (base / args.image if path.is_dir() else Path(args.image))
-    return counts, spots, image
-
-
-def _ignored(args: argparse.Namespace, reader: str) -> None:
-    used = {
-        "st": {"counts", "spots", "image", "mpp", "sample_id"},
-        "hest": {"sample_id"},
-        "visium": {"image", "sample_id"},
-        "wsi": {"mpp", "sample_id", "bulk"},
-        "zarr": set(),
-    }[reader]
-    for name in ("counts", "spots", "image", "mpp", "sample_id", "bulk"):
-        if getattr(args, name, None) not in (None, []) and name not in used:
-            logger.warning("--%s is ignored by --reader %s", name.replace("_", "-"), reader)
-
-
 def make_jobs(args: argparse.Namespace) -> list[Job]:
-    """Turn the inputs and reader options into one :class:`Job` per slide."""
-    import bitro as bt
+    """Turn the inputs and reader options into one :class:`Job` per slide (readers: ``bitro.io._read``)."""
+    from bitro.io._read import get_reader, read_path
 
     paths = [Path(p) for p in args.inputs]
     if not args.cohort and len(paths) > 1:
@@ -244,49 +214,37 @@ def make_jobs(args: argparse.Namespace) -> list[Job]:
         if not p.exists():
             msg = f"input {str(p)!r} not found."
             raise FileNotFoundError(msg)
-    reader = args.reader or guess_reader(paths[0])
-    _ignored(args, reader)
+    reader = get_reader(args.reader or guess_reader(paths[0]))
     ids = list(args.sample_id or [])
-    jobs: list[Job] = []
-    if reader == "hest":
+    options = {
+        "mpp": args.mpp,
+        "image": args.image,
+        "counts": args.counts,
+        "spots": args.spots,
+        "bulk": _read_bulk(args.bulk) if args.bulk is not None else None,
+        "cells": (args.segment == "none") if "cells" in reader.options else None,
+    }
+    if "sample_id" in reader.needs:  # one input, one slide per --sample-id (HEST)
         if len(paths) != 1 or not ids:
-            msg = "--reader hest takes one INPUT (the HEST root folder) and --sample-id (repeat it with --cohort)."
+            msg = (
+                f"--reader {reader.name} takes one INPUT and --sample-id (repeat it with --cohort); "
+                f"{reader.description}."
+            )
             raise ValueError(msg)
-        cells = args.segment == "none"
         root = paths[0]
-        jobs = [Job(i, lambda i=i: bt.io.read_hest(root, i, cells=cells)) for i in ids]
+        jobs = [Job(i, lambda i=i: read_path(root, reader=reader.name, sample_id=i, **options)) for i in ids]
     else:
         if len(ids) > 1 or (ids and len(paths) > 1):
             msg = "--sample-id names a single slide; omit it with --cohort (slides are named after their files)."
             raise ValueError(msg)
         sid = ids[0] if ids else None
-        for p in paths:
-            name = sid or (p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.stem)
-            if reader == "zarr":
-                jobs.append(Job(name, lambda p=p: read_sdata(p)))
-            elif reader == "visium":
-                jobs.append(
-                    Job(name, lambda p=p: bt.io.read_visium(p, fullres_image=args.image, sample_id=sid))
-                )
-            elif reader == "wsi":
-                jobs.append(
-                    Job(
-                        name,
-                        lambda p=p: bt.io.read_wsi(
-                            p, bulk=_read_bulk(args.bulk), mpp=args.mpp, sample_id=sid
-                        ),
-                    )
-                )
-            else:
-                counts, spots, image = _st_paths(p, args)
-                jobs.append(
-                    Job(
-                        name,
-                        lambda c=counts, s=spots, i=image: bt.io.read_st(
-                            c, s, i, mpp=args.mpp, sample_id=sid
-                        ),
-                    )
-                )
+        jobs = [
+            Job(
+                sid or (p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.stem),
+                lambda p=p: read_path(p, reader=reader.name, sample_id=sid, **options),
+            )
+            for p in paths
+        ]
     from bitro.pp._pipeline import check_slide_name
 
     names = [check_slide_name(j.name) for j in jobs]  # names become output and scratch folder names

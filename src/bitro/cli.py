@@ -16,12 +16,16 @@ from collections.abc import Sequence
 from bitro import _keys as K
 from bitro._logging import logger
 from bitro._version import __version__
+from bitro.io._read import list_readers
 
-READERS = ("st", "hest", "visium", "wsi", "zarr")
 MODELS = ("bitro", "ridge", "mlp", "depth", "cell_count", "mean")
 #: SetupConfig fields a transfer may change (the rest are the source model's).
 TRANSFER_SETUP = ("target", "zscore", "cluster_weight", "seed")
-USER_ERRORS = (OSError, KeyError, ValueError)  # OSError covers missing, existing, unwritable paths, full disks
+USER_ERRORS = (
+    OSError,
+    KeyError,
+    ValueError,
+)  # OSError covers missing, existing, unwritable paths, full disks
 
 
 def _common() -> argparse.ArgumentParser:
@@ -124,7 +128,10 @@ def _add_preprocess(sub, parent) -> None:
     p.add_argument("--out", required=True, help="output .zarr (a folder with --cohort)")
     p.add_argument("--cohort", action="store_true", help="process several slides into the --out folder")
     p.add_argument(
-        "--reader", choices=READERS, default=None, help="input format (default: guessed from INPUT)"
+        "--reader",
+        choices=list_readers(),
+        default=None,
+        help="input format (default: guessed from INPUT; readers are registered with bt.io.register_reader)",
     )
     p.add_argument("--counts", help="st: counts file (relative to INPUT when INPUT is a folder)")
     p.add_argument("--spots", help="st: spot coordinates file")

@@ -14,6 +14,9 @@ _EXPORTS = {
     "set_scale": "._build",
     "get_scale": "._build",
     "get_mpp": "._build",
+    "register_reader": "._read",
+    "list_readers": "._read",
+    "read_path": "._read",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
