@@ -29,9 +29,8 @@ import torch
 from torch import nn
 
 from bitro.models._config import BiTroConfig
-from bitro.models._count_head import CellCountHead
 from bitro.models._gat import GATBlock
-from bitro.models._mil import GeneQueryHead
+from bitro.models._heads import HEADS
 from bitro.models._position import PositionEncoding
 from bitro.models._transformer import BagTransformer
 
@@ -82,20 +81,7 @@ class BiTroNet(nn.Module):
             if c.use_transformer
             else None
         )
-        if c.head == "cell_counts":
-            self.head = CellCountHead(
-                c.hidden_dim, c.in_dim if c.skip else 0, c.n_genes, readout_hidden=c.readout_hidden
-            )
-        else:
-            self.head = GeneQueryHead(
-                c.hidden_dim,
-                c.n_genes,
-                readout_hidden=c.readout_hidden,
-                output=c.output,
-                pooling=c.pooling,
-                use_cell_count=c.use_cell_count,
-                readout=c.readout,
-            )
+        self.head = HEADS[c.head](c)
         # initialise once, in a fixed order, from the RNG state at entry: constructing after
         # ``torch.manual_seed(s)`` equals ``torch.manual_seed(s); net.reset_parameters()``.
         torch.set_rng_state(rng_state)
@@ -205,7 +191,7 @@ class BiTroNet(nn.Module):
             h = self.transformer(
                 h, batch, ctx=ctx, ctx_batch=ctx_batch if ctx is not None else None, num_bags=num_bags
             )
-        if isinstance(self.head, CellCountHead):
+        if getattr(self.head, "predicts_cells", False):  # a count head: it reads the cells' own features too
             y, attn, log_rate = self.head(h, x, batch, num_bags=num_bags)
             return {"y": y, "attn": attn, "h": h, "cell_log_counts": log_rate}
         y, attn = self.head(h, batch, num_bags=num_bags)

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 _OUTPUTS = ("linear", "softplus")
 _POOLINGS = ("gene_query", "mean")
-_HEADS = ("attention", "cell_counts")
 
 
 @dataclass(frozen=True)
@@ -130,8 +129,10 @@ class BiTroConfig:
         if self.pooling not in _POOLINGS:
             msg = f"BiTroConfig.pooling must be one of {_POOLINGS}, got {self.pooling!r}."
             raise ValueError(msg)
-        if self.head not in _HEADS:
-            msg = f"BiTroConfig.head must be one of {_HEADS}, got {self.head!r}."
+        from bitro.models._heads import HEADS
+
+        if self.head not in HEADS:
+            msg = f"BiTroConfig.head must be one of {tuple(HEADS)}, got {self.head!r}."
             raise ValueError(msg)
         if self.head == "cell_counts" and self.output != "linear":
             msg = "BiTroConfig.output applies to the attention head only; keep output='linear' with head='cell_counts'."

@@ -40,6 +40,9 @@ class CellCountHead(nn.Module):
         Hidden width of the per-cell MLP.
     """
 
+    #: The network passes the cells' own features and reads per-cell log counts (see ``models/_heads.py``).
+    predicts_cells = True
+
     def __init__(self, hidden_dim: int, in_dim: int, n_genes: int, *, readout_hidden: int = 64) -> None:
         super().__init__()
         self.hidden_dim, self.in_dim, self.n_genes, self.readout_hidden = (
