@@ -33,10 +33,12 @@ BENCHMARKS = {
     "distributed": "benchmarks.distributed",
     "crop_vs_tile": "benchmarks.crop_vs_tile",
     "composition": "benchmarks.composition",
+    "shift": "benchmarks.shift",
+    "components": "benchmarks.components",
 }
 ALIASES = {"speed": "embedding"}
 #: Benchmarks that only run with ``--full`` (or when named with ``--only``): each takes 10 min or more.
-FULL_ONLY = ("scaling", "bulk_memory", "distributed", "crop_vs_tile", "composition")
+FULL_ONLY = ("scaling", "bulk_memory", "distributed", "crop_vs_tile", "composition", "shift", "components")
 STANDARD = tuple(n for n in BENCHMARKS if n not in FULL_ONLY)
 FULL = tuple(BENCHMARKS)
 

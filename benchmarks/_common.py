@@ -261,13 +261,36 @@ def preprocess_section(
     The first encoder writes ``obsm["X_bitro"]``; others write ``obsm["X_<encoder>"]``. ``window``
     (half-size in px) crops a central window first (for the slow crop mode).
     """
+    steps = steps or Steps()
+    with steps("load"):
+        sdata = load_section(section, window=window)
+    return preprocess(sdata, encoders=encoders, mode=mode, steps=steps, graph=graph)
+
+
+def load_section(section: str, *, window: int | None = None) -> Any:
+    """A HER2ST section of the kit, cropped to its central ``2 * window`` px when ``window`` is given."""
+    import bitro as bt
+
+    sdata = bt.datasets.her2st(section, data_dir=DATA_DIR)
+    return crop_window(sdata, window) if window else sdata
+
+
+def preprocess(
+    sdata: Any,
+    *,
+    encoders: tuple[str, ...] = ("efficientnet_lite0",),
+    mode: str = "tile",
+    steps: Steps | None = None,
+    graph: bool = False,
+) -> Any:
+    """The benchmarks' preprocessing of a loaded slide (image ``he``, spots), in place; returns ``sdata``.
+
+    Stain norm (:data:`PREPROCESS`) → tissue → segmentation → embedding(s) → assign (→ graph): what
+    :func:`cached_section` stores for every section, applied here to any slide (e.g. a shifted one).
+    """
     import bitro as bt
 
     steps = steps or Steps()
-    with steps("load"):
-        sdata = bt.datasets.her2st(section, data_dir=DATA_DIR)
-        if window:
-            sdata = crop_window(sdata, window)
     with steps("stain_norm"):
         bt.pp.normalize_stains(sdata, method=PREPROCESS["stain_method"], seed=SEED)
     with steps("tissue"):
@@ -332,13 +355,21 @@ def cached_section(
     window: int | None = None,
 ) -> Any:
     """Preprocessed tables of a section, from ``benchmarks/cache/`` or computed and cached."""
+    return cached_tables(
+        cache_key(section, encoders, mode, window),
+        lambda steps: preprocess_section(section, encoders=encoders, mode=mode, window=window, steps=steps),
+    )
+
+
+def cached_tables(name: str, build: Any) -> Any:
+    """Tables of ``benchmarks/cache/<name>``, built first with ``build(steps) -> SpatialData`` when absent."""
     from bitro._logging import logger
 
-    path = CACHE_DIR / cache_key(section, encoders, mode, window)
+    path = CACHE_DIR / name
     if not path.exists():
-        logger.info("benchmarks: preprocessing %s (%s, %s) into %s", section, encoders, mode, path)
+        logger.info("benchmarks: preprocessing into %s", path)
         steps = Steps()
-        sdata = preprocess_section(section, encoders=encoders, mode=mode, window=window, steps=steps)
+        sdata = build(steps)
         save_tables(sdata, path, extra={"steps": steps.records, "preprocess": PREPROCESS})
     return load_tables(path)
 

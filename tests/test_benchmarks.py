@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -474,3 +475,87 @@ def test_composition_markdown_counts_the_types_above_the_equal_split():
     assert "30% of its cells' marker-score variance lies within spots" in composition.markdown(
         {**res, "fits": fits}
     )
+
+
+# --------------------------------------------------------------------------- shift benchmark helpers
+def test_shift_scores_one_number_and_the_noise_ceiling_with_known_answers():
+    from benchmarks import shift
+
+    x = np.linspace(0.0, 2.0, 40)
+    counts = np.column_stack([np.expm1(2 * x + 1), np.expm1(3 - x), np.full(40, 5.0)])
+    raw = shift.score_one_number(counts, x)["raw"]
+    # gene 0 correlates +1, gene 1 −1, gene 2 is constant (counted 0): mean 0 over three genes
+    assert raw["pcc_gene"] == pytest.approx(0.0, abs=1e-9) and raw["n_constant"] == 1 and raw["n_units"] == 40
+    one = shift.score_one_number(counts[:, :1], x)["raw"]
+    assert one["pcc_gene"] == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    truth = rng.gamma(2.0, 20.0, size=(60, 30))
+    assert shift.noise_ceiling(truth, truth) == pytest.approx({"library_size": 1.0, "raw": 1.0})
+    a, b = rng.poisson(truth), rng.poisson(truth)
+    ceiling = shift.noise_ceiling(a.astype(float), b.astype(float))
+    assert 0.2 < ceiling["raw"] < 0.95 and 0.2 < ceiling["library_size"] < 0.95
+    values = np.column_stack([np.ones(5), np.arange(5.0), np.full(5, 3.0)])
+    assert shift.constant_columns(values) == 2
+
+
+def _fake_shift() -> dict:
+    from benchmarks import shift
+
+    values = {  # (shift, model) -> (norm, raw)
+        ("none", "bitro"): (0.20, 0.30),
+        ("none", "ridge"): (0.15, 0.25),
+        ("none", shift.NUCLEI): (0.10, 0.20),
+        ("stain_tcga", "bitro"): (0.10, 0.28),
+        ("stain_tcga", "ridge"): (0.12, 0.20),
+        ("stain_tcga", shift.NUCLEI): (0.05, 0.20),
+        ("depth_650", "bitro"): (0.10, 0.25),
+        ("depth_650", "ridge"): (0.05, 0.20),
+        ("depth_650", shift.NUCLEI): (0.04, 0.10),
+    }
+    rows = [
+        {"fold": 0, "test": "C2", "shift": s, "model": m, "scale": scale, "pcc_gene": v, "n_units": 150,
+         "n_constant_pred": 3 if m == "ridge" and s == "stain_tcga" and scale == "raw" else 0,
+         "n_constant_scored": 0, "predict_seconds": 0.1}
+        for (s, m), (norm, raw) in values.items()
+        for scale, v in (("library_size", norm), ("raw", raw))
+    ]  # fmt: skip
+    res = {
+        "name": "shift",
+        "meta": META,
+        "protocol": {
+            "sections": ["C2", "C3"], "folds": ["C2"], "n_genes": 785, "window_half_px": None,
+            "bitro_fit_kwargs": accuracy.BITRO_KW, "models": [], "shifts": shift.SHIFTS,
+            "labels": shift.LABELS, "spots": {},
+        },
+        "rows": rows,
+        "ceilings": [
+            {"fold": 0, "test": "C2", "shift": "depth_650", "scale": "library_size", "ceiling": 0.5},
+            {"fold": 0, "test": "C2", "shift": "depth_650", "scale": "raw", "ceiling": 0.8},
+        ],
+        "domains": [
+            {"fold": 0, "test": "C2", "shift": "depth_650", "flagged": ["median_umi_per_spot"],
+             "values": {"median_umi_per_spot": 650.0}, "train_median": {"median_umi_per_spot": 10000.0}},
+        ],
+        "speed": [{"fold": 0, "test": "C2", "what": "fit bitro", "seconds": 60.0}],
+    }  # fmt: skip
+    res["markdown"] = shift.markdown(res)
+    return res
+
+
+def test_shift_markdown_reports_losses_the_ceiling_and_collapses():
+    md = _fake_shift()["markdown"]
+    assert "## Domain shift" in md
+    # ridge beats bitro on the normalised scale under the TCGA stain, and bitro falls by 50 %
+    loss = next(ln for ln in md.splitlines() if "stain: TCGA tile, normalised" in ln)
+    assert "**bitro loses** to ridge" in loss
+    assert any("falls by 50%" in ln and "does **not** hold" in ln for ln in md.splitlines())
+    # the raw scale under depth shift: bitro wins, no loss line
+    assert not any("depth: median 650 UMI, raw" in ln for ln in md.splitlines())
+    # bitro / ceiling on the normalised scale: 0.10 / 0.5
+    ceiling_row = next(ln for ln in md.splitlines() if ln.startswith("| depth: median 650 UMI | norm |"))
+    assert "| 0.500 | 0.200 |" in ceiling_row
+    assert "| stain: TCGA tile | 0 / 0 | 3 / 0 |" in md
+    assert "median_umi_per_spot" in md
+    # the page collects the loss lines
+    page = main.build_page({"shift": _fake_shift()})
+    assert "### Where bitro loses" in page and "stain: TCGA tile, normalised" in page

@@ -20,6 +20,7 @@ WRITERS = (
     "cell_graph",
     "reduce_features",
     "cluster_phenotypes",
+    "standardize_features",
 )
 
 

@@ -10,6 +10,9 @@ _EXPORTS = {
     "her2st_genes": "._kit",
     "her2st_proportions": "._deconv",
     "data_dir": "._kit",
+    "thin_counts": "._shift",
+    "restain": "._shift",
+    "rescale": "._shift",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

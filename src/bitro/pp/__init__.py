@@ -24,6 +24,7 @@ _EXPORTS = {
     "PhenotypeModel": "._phenotypes",
     "tissue_mask": "._tissue",
     "tile_has_tissue": "._tissue",
+    "standardize_features": "._standardize",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -26,6 +26,9 @@ _EXPORTS = {
     "TargetTransform": "._targets",
     "register_level": "._levels",
     "Level": "._levels",
+    "domain_stats": "._domain",
+    "domain_report": "._domain",
+    "format_domain_report": "._domain",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

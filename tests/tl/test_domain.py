@@ -1,0 +1,194 @@
+"""bt.tl.domain_stats / domain_report / format_domain_report, and training on slide-standardised features."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from _toy import make_toy_slide
+
+import bitro as bt
+from bitro.pp._pipeline import _fresh
+
+
+# --------------------------------------------------------------------------- report, known answers
+def _stats(**values) -> dict:
+    return {"format_version": 1, "stats": values, "context": {}}
+
+
+def test_report_flags_values_beyond_the_range_by_more_than_the_tolerance():
+    train = [_stats(a=10.0, b=1.0, embedding_pc1_mean=-0.2), _stats(a=20.0, b=1.0, embedding_pc1_mean=0.1)]
+    train.append(_stats(a=30.0, b=1.0, embedding_pc1_mean=0.0, only_train=5.0))
+    cases = {  # a: median 20, margin 2 → outside below 8 or above 32
+        7.9: "below",
+        8.1: "",
+        31.9: "",
+        32.1: "above",
+    }
+    for value, direction in cases.items():
+        df = bt.tl.domain_report(train, _stats(a=value, b=1.0, embedding_pc1_mean=0.0))
+        row = df.loc["a"]
+        assert (row["train_min"], row["train_median"], row["train_max"], row["n_train"]) == (10, 20, 30, 3)
+        assert row["direction"] == direction and row["outside"] == bool(direction)
+        assert row["ratio"] == pytest.approx(value / 20)
+    # centred statistics: margins in training SDs, no ratio
+    df = bt.tl.domain_report(train, _stats(a=20.0, b=1.0, embedding_pc1_mean=0.25))
+    assert df.loc["embedding_pc1_mean", "outside"] and np.isnan(df.loc["embedding_pc1_mean", "ratio"])
+    df = bt.tl.domain_report(train, _stats(a=20.0, b=1.0, embedding_pc1_mean=0.15))
+    assert not df.loc["embedding_pc1_mean", "outside"]
+    # a statistic on one side only is reported but never flagged
+    assert np.isnan(df.loc["only_train", "value"]) and not df.loc["only_train", "outside"]
+    assert df.attrs["tolerance"] == 0.1
+    assert not bt.tl.domain_report(train, _stats(a=7.9), tolerance=0.25).loc["a", "outside"]
+
+
+def test_format_domain_report_names_the_flagged_statistics():
+    train = [_stats(median_umi_per_spot=9000.0, median_nuclei_per_spot=18.0)]
+    train.append(_stats(median_umi_per_spot=11000.0, median_nuclei_per_spot=20.0))
+    text = bt.tl.format_domain_report(
+        bt.tl.domain_report(train, _stats(median_umi_per_spot=650.0, median_nuclei_per_spot=19.0))
+    )
+    assert text.startswith("Domain report: 1 of 2 statistics outside")
+    assert (
+        "median_umi_per_spot = 650 (below the training range 9,000–11,000, 0.065× the training median)"
+        in text
+    )
+    assert "median_nuclei_per_spot" not in text
+    calm = bt.tl.format_domain_report(bt.tl.domain_report(train, _stats(median_umi_per_spot=10000.0)))
+    assert "0 of 1" in calm and "looks like the training slides" in calm
+
+
+@pytest.mark.parametrize(
+    ("train", "slide", "kwargs", "match"),
+    [
+        ([], _stats(a=1.0), {}, "at least one training slide"),
+        ([{"a": 1.0}], _stats(a=1.0), {}, "not a domain_stats dict"),
+        ([_stats(a=1.0)], _stats(a=1.0), {"tolerance": -0.1}, "non-negative"),
+        ([{"format_version": 99, "stats": {}}], _stats(a=1.0), {}, "upgrade bitro"),
+    ],
+)
+def test_report_refuses_bad_input(train, slide, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bt.tl.domain_report(train, slide, **kwargs)
+
+
+# --------------------------------------------------------------------------- statistics of real slides
+def _preprocess(sdata):
+    """Stain-normalise, segment and assign, as the benchmarks do (on a copy)."""
+    sdata = _fresh(sdata)
+    bt.pp.normalize_stains(sdata, method="macenko", seed=0)
+    bt.pp.segment_cells(sdata, image_key="he_normalized", tile_size=512, seed=0)
+    bt.pp.assign_cells(sdata)
+    return sdata
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """Three training slides and one test slide of the same tissue, preprocessed, with their raw versions."""
+    raw = bt.datasets.synthetic_tissue(4, size=900, technology="visium", seed=5)
+    return raw, [_preprocess(s) for s in raw]
+
+
+#: The synthetic slides are small (20 Visium spots): their medians vary by about ±15 % from slide to
+#: slide, so the tests use a wider margin than the default.
+TOLERANCE = 0.25
+
+
+def _flags(train, slide) -> set[str]:
+    train_stats = [bt.tl.domain_stats(s) for s in train]
+    df = bt.tl.domain_report(train_stats, bt.tl.domain_stats(slide), tolerance=TOLERANCE)
+    return set(df.index[df["outside"]])
+
+
+def test_domain_stats_of_a_slide(synthetic):
+    _, slides = synthetic
+    stats = bt.tl.domain_stats(slides[0])
+    assert json.loads(json.dumps(stats)) == stats
+    s = stats["stats"]
+    spots, cells = slides[0]["spots"], slides[0]["cells"]
+    totals = np.asarray(spots.layers["counts"].sum(axis=1)).ravel()
+    assert s["median_umi_per_spot"] == float(np.median(totals[totals > 0]))
+    assert s["median_nuclei_per_spot"] == float(np.median(spots.obs["n_cells"]))
+    assert s["median_nucleus_area_um2"] == pytest.approx(float(np.median(cells.obs["area_um2"])))
+    assert s["median_nucleus_hematoxylin"] == pytest.approx(float(np.median(cells.obs["mean_hematoxylin"])))
+    source = slides[0].attrs["bitro_stain"]["he_normalized"]["source"]
+    assert s["stain_hematoxylin_od_r"] == source["stain_matrix"][0][0]
+    assert s["stain_eosin_max_concentration"] == source["max_concentrations"][1]
+    assert stats["context"]["n_cells"] == cells.n_obs and stats["context"]["stain_key"] == "he_normalized"
+    # the truth the synthetic slide was made with: the segmented nuclei are about its nuclei
+    truth = slides[0]["cells_truth"]
+    assert 0.6 < s["median_nucleus_area_um2"] / float(np.median(truth.obs["area_um2"])) < 1.6
+
+
+def test_an_unshifted_slide_is_not_flagged(synthetic):
+    _, slides = synthetic
+    assert _flags(slides[:3], slides[3]) == set()
+
+
+def test_thinned_counts_flag_the_depth_only(synthetic):
+    _, slides = synthetic
+    shallow = bt.datasets.thin_counts(slides[3], fraction=0.1)
+    assert _flags(slides[:3], shallow) == {"median_umi_per_spot"}
+
+
+def test_a_rescaled_slide_flags_nucleus_size_and_count_not_depth(synthetic):
+    raw, slides = synthetic
+    bigger = _preprocess(bt.datasets.rescale(raw[3], 1.25))
+    flags = _flags(slides[:3], bigger)
+    assert {"median_nucleus_area_um2", "median_nuclei_per_spot"} <= flags
+    assert not flags & {"median_umi_per_spot", "median_nucleus_hematoxylin"}
+    before, after = bt.tl.domain_stats(slides[3])["stats"], bt.tl.domain_stats(bigger)["stats"]
+    assert 1.25 < after["median_nucleus_area_um2"] / before["median_nucleus_area_um2"] < 1.9  # ≈ 1.25²
+    assert after["median_nuclei_per_spot"] < before["median_nuclei_per_spot"]
+
+
+def test_a_restained_slide_flags_the_stain_not_depth_or_density(synthetic):
+    raw, slides = synthetic
+    matrix = np.array([[0.45, 0.75, 0.49], [0.30, 0.80, 0.52]])
+    reference = bt.pp.StainReference(
+        "macenko",
+        stain_matrix=matrix / np.linalg.norm(matrix, axis=1, keepdims=True),
+        max_concentrations=[1.2, 0.6],
+    )
+    other_lab = _preprocess(bt.datasets.restain(raw[3], reference=reference))
+    flags = _flags(slides[:3], other_lab)
+    assert any(f.startswith("stain_") for f in flags)
+    assert not flags & {"median_umi_per_spot", "median_nuclei_per_spot"}
+
+
+def test_embedding_statistics_are_in_training_sd_units():
+    slide = make_toy_slide(0)
+    x = np.asarray(slide["cells"].obsm["X_bitro"])
+    projection = bt.pp.FeatureProjection.fit([x], n_components=4, seed=0, use_rep="X_bitro")
+    stats = bt.tl.domain_stats(slide, projection=projection, n_components=2)["stats"]
+    assert set(stats) >= {
+        "embedding_pc1_mean",
+        "embedding_pc1_std",
+        "embedding_pc2_mean",
+        "embedding_pc2_std",
+    }
+    assert "embedding_pc3_mean" not in stats
+    assert abs(stats["embedding_pc1_mean"]) < 1e-3 and stats["embedding_pc1_std"] == pytest.approx(
+        1.0, abs=0.01
+    )
+    shifted = make_toy_slide(0)
+    shifted["cells"].obsm["X_bitro"] = shifted["cells"].obsm["X_bitro"] + 3.0
+    moved = bt.tl.domain_stats(shifted, projection=projection)["stats"]
+    assert abs(moved["embedding_pc1_mean"]) > 0.5 or abs(moved["embedding_pc2_mean"]) > 0.5
+    with pytest.raises(ValueError, match="use_rep"):
+        bt.tl.domain_stats(slide, projection=projection, use_rep="X_other")
+
+
+# --------------------------------------------------------------------------- per-slide standardisation
+def test_a_model_on_slide_standardised_features_ignores_a_stain_like_offset():
+    train = [make_toy_slide(s) for s in range(3)]
+    test, shifted = make_toy_slide(7), make_toy_slide(7)
+    shifted["cells"].obsm["X_bitro"] = shifted["cells"].obsm["X_bitro"] * 1.5 + 2.0
+    bt.pp.standardize_features([*train, test, shifted])
+    genes = list(train[0]["spots"].var_names)
+    for use_rep, same in (("X_bitro_slide", True), ("X_bitro", False)):
+        model = bt.tl.fit(train, model="ridge", genes=genes, target="raw", use_rep=use_rep, seed=0)
+        a, b = model.predict_log1p(test)[1], model.predict_log1p(shifted)[1]
+        keep = np.isfinite(a).all(axis=1)
+        assert np.allclose(a[keep], b[keep], atol=1e-4) is same
