@@ -121,3 +121,28 @@ def test_device_none_follows_bt_settings(toy_slides):
         assert _fit(toy_slides[:2], max_epochs=1, device="cpu").is_trained  # an explicit device wins
     finally:
         bt.settings.device = old
+
+
+def test_predict_reports_how_far_a_slide_sits_from_training(toy_slides, caplog, tmp_path):
+    model = _fit(toy_slides[:2], max_epochs=1)
+    assert len(model.state.domain) == 2 and "median_umi_per_spot" in model.state.domain[0]["stats"]
+    same = light_copy(toy_slides[0])  # a training slide lies inside the training range by definition
+    with caplog.at_level("INFO", logger="bitro"):
+        model.predict(same)
+    assert "Domain report" in caplog.text and same["spots"].uns["bitro"]["domain_outside"] == []
+    thin = bt.datasets.thin_counts(light_copy(toy_slides[0]), fraction=0.1, seed=0)
+    report = model.domain_report(thin)
+    assert (
+        report.loc["median_umi_per_spot", "outside"]
+        and report.loc["median_umi_per_spot", "direction"] == "below"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bitro"):
+        model.predict(thin)
+    assert "median_umi_per_spot" in caplog.text
+    assert "median_umi_per_spot" in thin["spots"].uns["bitro"]["domain_outside"]
+    # the statistics travel with the saved model and the provenance with the stored slide
+    loaded = bt.tl.BiTroModel.load(model.save(tmp_path / "m"))
+    assert loaded.state.domain == model.state.domain
+    bt.io.write_zarr(same, tmp_path / "s.zarr")
+    assert list(bt.io.read_zarr(tmp_path / "s.zarr")["spots"].uns["bitro"]["domain_outside"]) == []

@@ -313,6 +313,8 @@ class BiTroModel:
         from bitro.tl._predict import write_predictions
 
         bags, is_unit, z, attn = self.predict_bags(sdata, batch_size=batch_size, device=device)
+        provenance = self._provenance()
+        provenance["domain_outside"] = self._check_domain(sdata)
         return write_predictions(
             sdata,
             self.state,
@@ -322,9 +324,42 @@ class BiTroModel:
             z,
             attn,
             key_added=key_added,
-            provenance=self._provenance(),
+            provenance=provenance,
             overwrite=overwrite,
         )
+
+    def domain_report(self, sdata: sd.SpatialData, *, tolerance: float | None = None) -> Any:
+        """How far ``sdata`` sits from the training slides (depth, nuclei per spot, nucleus size, stain, embedding).
+
+        Returns the :func:`bitro.tl.domain_report` table: one row per statistic with the training range,
+        the slide's value and whether it lies outside (then the model extrapolates). :meth:`predict`
+        logs its summary and records the statistics outside the range in the provenance.
+        """
+        from bitro.tl._domain import TOLERANCE, domain_report
+        from bitro.tl._setup import slide_domain
+
+        if not self.state.domain:
+            msg = "This model records no training-slide statistics (saved by an older bitro); re-train to get them."
+            raise ValueError(msg)
+        stats = slide_domain(sdata, self.setup, self.projection)
+        return domain_report(
+            self.state.domain, stats, tolerance=TOLERANCE if tolerance is None else tolerance
+        )
+
+    def _check_domain(self, sdata: sd.SpatialData) -> list[str]:
+        """Log the domain report of ``sdata``; return the statistics outside the training range."""
+        from bitro.tl._domain import format_domain_report
+
+        if not self.state.domain:
+            return []
+        try:
+            report = self.domain_report(sdata)
+        except (KeyError, ValueError) as err:  # a statistic that cannot be computed on this slide
+            logger.info("No domain report for this slide: %s", err)
+            return []
+        outside = [str(n) for n in report.index[report["outside"]]]
+        (logger.warning if outside else logger.info)("%s", format_domain_report(report))
+        return outside
 
     def _provenance(self) -> dict[str, Any]:
         from bitro import __version__

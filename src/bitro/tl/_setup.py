@@ -285,6 +285,7 @@ def prepare(
         transform=data.transform,
         encoder=encoder,
         bag_size_um=get_scale(sdatas[0]).get(K.SPOT_DIAMETER_UM),
+        domain=[slide_domain(s, setup, projection) for s in sdatas],
         train_slides=[str(n) for n in bags.slide_names],
     )
     return state, data
@@ -298,3 +299,16 @@ def initial_log_counts(data: TrainingSet) -> np.ndarray:
         per_bag = np.expm1(data.transform.mean)
     cells = max(float(bags.n_cells.mean()), 1.0)
     return np.log(np.maximum(per_bag / cells, 1e-6)).astype(np.float32)
+
+
+def slide_domain(sdata: sd.SpatialData, setup: SetupConfig, projection: Any) -> dict[str, Any]:
+    """:func:`bitro.tl.domain_stats` of a slide, as the model compares slides."""
+    from bitro.tl._domain import domain_stats
+
+    return domain_stats(
+        sdata,
+        spots_key=setup.spots_key,
+        cells_key=setup.cells_key,
+        use_rep=setup.use_rep,
+        projection=projection,
+    )

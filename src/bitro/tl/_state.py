@@ -64,6 +64,9 @@ class ModelState:
         :class:`~bitro.tl.TargetTransform` (per-gene target statistics).
     encoder
         Provenance of the cell embedding the model was trained on (encoder, mode, dim, checkpoint hash).
+    domain
+        :func:`~bitro.tl.domain_stats` of each training slide (depth, nuclei per spot, nucleus size,
+        stain, embedding): what :meth:`~bitro.tl.BiTroModel.domain_report` compares a new slide with.
     bag_size_um
         Diameter (or side) of the training bags in µm; cells outside every unit of a slide are
         predicted in square bins of this size when the slide records none.
@@ -91,6 +94,7 @@ class ModelState:
     transform: Any = field(default=None, metadata=_parts("arrays", "target"))
     encoder: dict[str, Any] = field(default_factory=dict, metadata=_JSON)
     bag_size_um: float | None = field(default=None, metadata=_JSON)
+    domain: list[dict[str, Any]] = field(default_factory=list, metadata=_JSON)
     train_slides: list[str] = field(default_factory=list, metadata=_JSON)
     train: dict[str, Any] = field(default_factory=dict, metadata=_JSON)
     history: dict[str, list[float]] = field(
