@@ -31,10 +31,9 @@ METRICS = ("pcc_gene", "pcc_gene_top50_var", "pcc_overall")
 #: variant -> (network config changes, setup/train option changes); "default" is BiTro's defaults.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": ({}, {}),
-    "attention head": ({"head": "attention"}, {}),
-    "cell-count head": ({"head": "cell_counts"}, {}),
-    "cell-count head, no skip": ({"head": "cell_counts", "skip": False}, {}),
-    "cell-count head, poisson": ({"head": "cell_counts"}, {"loss": "poisson"}),
+    "attention head (paper)": ({"head": "attention"}, {}),
+    "no skip": ({"skip": False}, {}),
+    "poisson loss": ({}, {"loss": "poisson"}),
     "no GAT": ({"use_gat": False}, {}),
     "no Transformer": ({"use_transformer": False}, {}),
     "no GAT, no Transformer": ({"use_gat": False, "use_transformer": False}, {}),

@@ -9,7 +9,8 @@ from torch_geometric.utils import scatter
 
 from bitro.models import BiTroConfig, BiTroNet, pseudo_cell_expression
 
-SMALL = {
+SMALL = {  # the paper's gene-query attention head (the count head: test_count_head.py)
+    "head": "attention",
     "in_dim": 6,
     "hidden_dim": 8,
     "gat_heads": 2,

@@ -9,7 +9,15 @@ from peft.tuners.lora import LoraLayer
 
 from bitro.models import BiTroConfig, BiTroNet, apply_lora, lora_trainable_summary
 
-SMALL = {"in_dim": 6, "hidden_dim": 8, "gat_heads": 2, "transformer_heads": 2, "ffn_dim": 16, "pos_bins": 8}
+SMALL = {
+    "in_dim": 6,
+    "hidden_dim": 8,
+    "gat_heads": 2,
+    "transformer_heads": 2,
+    "ffn_dim": 16,
+    "pos_bins": 8,
+    "head": "attention",
+}
 
 
 def _inputs():
