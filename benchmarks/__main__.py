@@ -32,10 +32,11 @@ BENCHMARKS = {
     "stain": "benchmarks.stain",
     "distributed": "benchmarks.distributed",
     "crop_vs_tile": "benchmarks.crop_vs_tile",
+    "spahgc": "benchmarks.spahgc",
 }
 ALIASES = {"speed": "embedding"}
 #: Benchmarks that only run with ``--full`` (or when named with ``--only``): each takes 10 min or more.
-FULL_ONLY = ("scaling", "bulk_memory", "distributed", "crop_vs_tile")
+FULL_ONLY = ("scaling", "bulk_memory", "distributed", "crop_vs_tile", "spahgc")
 STANDARD = tuple(n for n in BENCHMARKS if n not in FULL_ONLY)
 FULL = tuple(BENCHMARKS)
 
