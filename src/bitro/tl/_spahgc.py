@@ -60,18 +60,23 @@ class SpaHGCModel(CrossSliceModel):
 
     def __init__(self, sdatas: Any, *, config: Any = None, **kwargs: Any) -> None:
         from bitro.models import SpaHGCConfig
+        from bitro.tl._setup import as_slides, slide_name
 
-        super().__init__(sdatas, **kwargs)
         fields = dict(config.to_dict() if hasattr(config, "to_dict") else (config or {}))
-        fields.update(n_genes=len(self.genes), in_dim=self.state.features.dim)
-        self.state.net_config = SpaHGCConfig.from_dict(fields)
-        if self.state.net_config.use_exemplars and len(self.train_slides) < 2:
+        checked = SpaHGCConfig.from_dict(
+            {**fields, "n_genes": 1, "in_dim": 1}
+        )  # bad options fail before any work
+        sdatas = as_slides(sdatas)
+        if checked.use_exemplars and len(sdatas) < 2:
             msg = (
                 f"SpaHGC learns from exemplars of other slides, but the training set is one slide "
-                f"({self.train_slides[0]!r}): no training spot has a cross-slide exemplar. Train on two or more "
+                f"({slide_name(sdatas[0], 0)!r}): no training spot has a cross-slide exemplar. Train on two or more "
                 "slides, or use model='retrieval' (no training) or config={'use_exemplars': False}."
             )
             raise ValueError(msg)
+        super().__init__(sdatas, **kwargs)
+        fields.update(n_genes=len(self.genes), in_dim=self.state.features.dim)
+        self.state.net_config = SpaHGCConfig.from_dict(fields)
         self.net = _build_net(self.state.net_config, self.seed)
 
     config = property(lambda self: self.state.net_config, doc="The :class:`~bitro.models.SpaHGCConfig`.")
