@@ -35,10 +35,13 @@ BENCHMARKS = {
     "composition": "benchmarks.composition",
     "shift": "benchmarks.shift",
     "components": "benchmarks.components",
+    "spahgc": "benchmarks.spahgc",
 }
 ALIASES = {"speed": "embedding"}
 #: Benchmarks that only run with ``--full`` (or when named with ``--only``): each takes 10 min or more.
-FULL_ONLY = ("scaling", "bulk_memory", "distributed", "crop_vs_tile", "composition", "shift", "components")
+FULL_ONLY = (
+    "scaling", "bulk_memory", "distributed", "crop_vs_tile", "composition", "shift", "components", "spahgc",
+)
 STANDARD = tuple(n for n in BENCHMARKS if n not in FULL_ONLY)
 FULL = tuple(BENCHMARKS)
 

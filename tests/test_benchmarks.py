@@ -559,3 +559,98 @@ def test_shift_markdown_reports_losses_the_ceiling_and_collapses():
     # the page collects the loss lines
     page = main.build_page({"shift": _fake_shift()})
     assert "### Where bitro loses" in page and "stain: TCGA tile, normalised" in page
+
+def fake_spahgc() -> dict:
+    """SpaHGC above ridge and retrieval but below bitro on the normalised scale (known answer)."""
+    from benchmarks import spahgc
+
+    values = {
+        ("spahgc", 0.12),
+        ("retrieval", 0.08),
+        ("ridge", 0.07),
+        ("bitro", 0.15),
+        ("spahgc no exemplars", 0.10),
+    }
+    rows, speed = [], []
+    for fold, test in enumerate(("C2", "C3")):
+        for run, v in values:
+            group = "ablation" if "no" in run else "main"
+            for seed in (0, 1, 2) if run.startswith("spahgc") else (0,):
+                for metric in spahgc.METRICS:
+                    for scale in ("library_size", "raw"):
+                        rows.append(
+                            {
+                                "fold": fold,
+                                "test": test,
+                                "run": run,
+                                "target": "library_size",
+                                "group": group,
+                                "seed": seed,
+                                "metric": metric,
+                                "scale": scale,
+                                "value": v + 0.01 * seed + 0.02 * fold,
+                                "n_genes": 785,
+                                "n_constant": 5,
+                            }
+                        )
+                speed.append(
+                    {
+                        "fold": fold,
+                        "test": test,
+                        "run": run,
+                        "target": "library_size",
+                        "seed": seed,
+                        "fit_seconds": 10.0,
+                        "fit_cpu_seconds": 9.0,
+                        "fit_peak_rss_mb": 900.0,
+                        "fit_rss_increase_mb": 100.0,
+                        "predict_seconds": 1.0,
+                        "epochs": 5,
+                    }
+                )
+    res = {
+        "name": "spahgc",
+        "meta": META,
+        "protocol": {
+            "sections": ["C2", "C3"],
+            "n_genes": 785,
+            "window_half_px": None,
+            "spahgc_fit_kwargs": spahgc.SPAHGC_KW,
+            "spahgc_config": "defaults",
+            "seeds": [0, 1, 2],
+            "reused_from_accuracy": None,
+            "spots": {"C2": 180, "C3": 180},
+            "cells": {},
+        },
+        "rows": rows,
+        "speed": speed,
+        "index_scaling": [
+            {
+                "n_references": 1000,
+                "method": "exact",
+                "dim": 129,
+                "k": 8,
+                "n_queries": 10,
+                "build_seconds": 0.1,
+                "query_seconds": 0.1,
+                "queries_per_s": 100.0,
+            }
+        ],
+    }
+    res["markdown"] = spahgc.markdown(res)
+    return res
+
+
+def test_spahgc_markdown_reports_seeds_undefined_genes_and_the_honest_reading():
+    from benchmarks import spahgc
+
+    md = fake_spahgc()["markdown"]
+    assert "spahgc" in main.FULL_ONLY and "spahgc" not in main.STANDARD
+    # spahgc: seed means 0.13 and 0.15 on the two folds: 0.140 ± 0.014; sd between seeds 0.010
+    assert "| spahgc | norm | 0.140 ± 0.014 |" in md and "| 0.010 |" in md
+    assert "5.0 of 785" in md and f"{0.14 * 785 / 780:.3f}" in md  # undefined genes, mean over the defined
+    assert "above ridge (0.080)" in md and "above retrieval (0.090)" in md
+    assert "below bitro (0.160) — SpaHGC does not beat bitro here" in md
+    assert "Without exemplars, normalised PCC_gene drops from 0.140 to 0.120" in md
+    assert "### Exemplar index" in md and "Caution" not in md
+    assert spahgc.markdown({**fake_spahgc(), "rows": []}).endswith("No results.\n")

@@ -1,4 +1,4 @@
-"""The BiTro network: pure torch / PyG modules that know nothing about AnnData.
+"""The networks: pure torch / PyG modules that know nothing about AnnData (BiTro and SpaHGC).
 
 The user-facing model class that trains on SpatialData is :class:`bitro.tl.BiTroModel`; this package
 imports nothing from :mod:`bitro.tl`.
@@ -19,6 +19,14 @@ _EXPORTS = {
     "cluster_loss": "._losses",
     "pseudo_cell_expression": "._losses",
     "aggregate_bulk": "._losses",
+    "SpaHGCConfig": "._spahgc_config",
+    "SpaHGCNet": "._spahgc",
+    "SpaHGCEncoder": "._spahgc",
+    "CrossNodeAttention": "._spahgc",
+    "ExemplarPooling": "._spahgc",
+    "MaskedGraphContrast": "._contrastive",
+    "complementary_masks": "._contrastive",
+    "drop_edges": "._contrastive",
 }
 __all__ = sorted(_EXPORTS)
 _lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,4 +1,4 @@
-"""Tools: fit, predict, transfer and evaluate the BiTro model (``bt.tl``)."""
+"""Tools: fit, predict, transfer and evaluate the BiTro model and the cross-slice models (``bt.tl``)."""
 
 from bitro._lazy import lazy_exports
 
@@ -21,6 +21,11 @@ _EXPORTS = {
     "summarize_cv": "._cv",
     "BaselineModel": "._baselines",
     "BiTroModel": "._model",
+    "SpaHGCModel": "._spahgc",
+    "RetrievalModel": "._retrieval",
+    "ExemplarIndex": "._exemplars",
+    "CrossSliceConfig": "._cross_slice_config",
+    "build_hetero_graph": "._hetero",
     "TrainConfig": "._configs",
     "SetupConfig": "._configs",
     "TargetTransform": "._targets",

@@ -17,8 +17,11 @@ if TYPE_CHECKING:
 
     from bitro.tl._baselines import BaselineModel
     from bitro.tl._configs import SetupConfig, TrainConfig
+    from bitro.tl._cross_slice import CrossSliceModel
     from bitro.tl._model import BiTroModel
 
+#: Models that predict a slide from spots of other slides (``bitro.tl._cross_slice``).
+CROSS_SLICE_MODELS = ("spahgc", "retrieval")
 #: SetupConfig fields the baselines use (the rest only shape the BiTro network's bags).
 _BASELINE_OPTIONS = ("target", "use_rep", "seed", "spots_key", "cells_key")
 
@@ -33,7 +36,7 @@ def fit(
     setup: SetupConfig | dict[str, Any] | None = None,
     train: TrainConfig | dict[str, Any] | None = None,
     **options: Any,
-) -> BiTroModel | BaselineModel:
+) -> BiTroModel | BaselineModel | CrossSliceModel:
     """Train a model on one or more slides.
 
     With no options this trains BiTro with the settings the accuracy benchmark found best
@@ -49,10 +52,14 @@ def fit(
     genes
         Genes to predict; default selected from the training data.
     model
-        ``"bitro"`` or a baseline: ``"ridge"``, ``"mlp"``, ``"depth"``, ``"cell_count"``, ``"mean"``
-        (spot level; they use ``target``, ``use_rep``, ``seed`` and the table keys only).
+        ``"bitro"``; a baseline: ``"ridge"``, ``"mlp"``, ``"depth"``, ``"cell_count"``, ``"mean"``
+        (spot level; they use ``target``, ``use_rep``, ``seed`` and the table keys only); or a
+        cross-slice model (spot level): ``"spahgc"`` (:class:`~bitro.tl.SpaHGCModel`) or ``"retrieval"``
+        (:class:`~bitro.tl.RetrievalModel`), which also take the fields of
+        :class:`~bitro.tl.CrossSliceConfig` (``n_exemplars``, ``spot_rep``, ...).
     config
-        :class:`bitro.models.BiTroConfig` (network) or a dict of its fields.
+        :class:`bitro.models.BiTroConfig` (network) or a dict of its fields;
+        :class:`bitro.models.SpaHGCConfig` for ``model="spahgc"``.
     setup
         :class:`bitro.tl.SetupConfig` or a dict of its fields.
     train
@@ -66,12 +73,17 @@ def fit(
 
     Returns
     -------
-    The trained :class:`bitro.tl.BiTroModel` (or a baseline model with the same ``predict``).
+    The trained :class:`bitro.tl.BiTroModel` (or a baseline or cross-slice model with the same ``predict``).
     """
     from bitro.tl._configs import SetupConfig, TrainConfig, split_options
     from bitro.tl._model import BiTroModel
     from bitro.tl._setup import as_slides
 
+    if model in CROSS_SLICE_MODELS:  # SpaHGC and retrieval: their own options (CrossSliceConfig)
+        from bitro.tl._cross_slice import fit_cross_slice
+
+        return fit_cross_slice(sdatas, model=model, level=level, genes=genes, config=config, setup=setup,
+                               train=train, **options)  # fmt: skip
     setup_opts, train_opts = split_options(options, allowed=(SetupConfig, TrainConfig))
     sdatas = as_slides(sdatas)
     if model != "bitro":
@@ -86,7 +98,7 @@ def _fit_baseline(sdatas, *, model, level, genes, setup, options, ignored) -> Ba
     from bitro.tl._configs import SetupConfig
 
     if model not in BASELINES:
-        msg = f"Unknown model {model!r}; choose 'bitro' or one of {BASELINES}."
+        msg = f"Unknown model {model!r}; choose 'bitro', one of {BASELINES} or one of {CROSS_SLICE_MODELS}."
         raise ValueError(msg)
     if level != "spot":
         msg = f"Baseline {model!r} is spot-level only; use model='bitro' for level={level!r}."
@@ -106,7 +118,7 @@ def _fit_baseline(sdatas, *, model, level, genes, setup, options, ignored) -> Ba
 
 
 def predict(
-    model: BiTroModel | BaselineModel,
+    model: BiTroModel | BaselineModel | CrossSliceModel,
     sdata: sd.SpatialData,
     *,
     key_added: str = K.PRED,
