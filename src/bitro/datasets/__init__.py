@@ -9,6 +9,7 @@ _EXPORTS = {
     "her2st_sections": "._kit",
     "her2st_genes": "._kit",
     "data_dir": "._kit",
+    "cache_dir": "._prepared",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
