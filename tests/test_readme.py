@@ -9,6 +9,7 @@ the test session's cache folder (``$BITRO_CACHE_DIR``), shared with the tutorial
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -28,7 +29,7 @@ _BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _RUNNER = textwrap.dedent(
     """
     import json, sys, traceback
-    blocks = json.loads(sys.stdin.read())
+    blocks, check = json.loads(sys.stdin.read())
     namespace = {"__name__": "__main__"}
     for i, code in enumerate(blocks, 1):
         try:
@@ -38,6 +39,28 @@ _RUNNER = textwrap.dedent(
             print(f"README python block {i} of {len(blocks)} failed", file=sys.stderr)
             sys.exit(1)
         print(f"README python block {i} of {len(blocks)} ran", flush=True)
+    exec(compile(check, "check", "exec"), namespace)  # not README code: reads what the blocks left
+    """
+)
+
+#: Run after the README's blocks, in their namespace: what they computed, as one JSON line.
+_CHECK = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    genes = bt.datasets.her2st_genes()
+    predicted = np.asarray(test["spots"][:, genes].layers["bitro"])
+    scores = bt.tl.evaluate(test, layer="bitro", inplace=False)  # the README wrote its own already
+    print("CHECK " + json.dumps({
+        "block1_cells": int(sdata["cells"].n_obs),
+        "block1_features": int(sdata["cells"].obsm["X_bitro"].shape[1]),
+        "block1_cells_in_spots": int(sdata["cells"].obs["spot_id"].notna().sum()),
+        "train_sections": [str(s.attrs["bitro_prepared"]["key"]["section"]) for s in train],
+        "test_section": str(test.attrs["bitro_prepared"]["key"]["section"]),
+        "crop_um": test.attrs["bitro_prepared"]["key"]["crop_um"],
+        "prediction_finite": bool(np.isfinite(predicted).all()),
+        "pcc_gene": {s: float(v) for s, v in scores.query("metric == 'pcc_gene'").set_index("scale")["value"].items()},
+    }))
     """
 )
 
@@ -68,7 +91,7 @@ def test_readme_python_runs_top_to_bottom(tmp_path):
     env.setdefault("MPLBACKEND", "Agg")
     res = subprocess.run(
         [sys.executable, "-c", _RUNNER],
-        input=json.dumps(blocks),
+        input=json.dumps([blocks, _CHECK]),
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -77,3 +100,13 @@ def test_readme_python_runs_top_to_bottom(tmp_path):
     )
     assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-6000:]}"
     assert res.stdout.count("ran") == len(blocks)
+    [line] = [ln for ln in res.stdout.splitlines() if ln.startswith("CHECK ")]
+    out = json.loads(line.removeprefix("CHECK "))
+    # block 1: a window of C2 segmented and embedded (EfficientNet-Lite0), cells in its spots
+    assert out["block1_cells"] > 500 and out["block1_features"] == 1280 and out["block1_cells_in_spots"] > 50
+    # block 2: four prepared training sections and a fifth held out, windows of the CI size
+    assert out["train_sections"] == ["C2", "C3", "C4", "C5"] and out["test_section"] == "C6"
+    assert out["crop_um"] == float(CROP_UM)
+    assert out["prediction_finite"]
+    assert set(out["pcc_gene"]) == {"raw", "library_size"}
+    assert all(math.isfinite(v) and -1 <= v <= 1 for v in out["pcc_gene"].values())
