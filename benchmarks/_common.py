@@ -8,6 +8,7 @@ wall time of the run; :mod:`benchmarks.report` turns them into ``docs/benchmarks
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -265,11 +266,14 @@ def _preparation(encoders: tuple[str, ...], mode: str) -> Any:
 
 def window_um(section: str, window: int | None) -> float | None:
     """The side (µm) of a ``2 * window`` px window of ``section`` (``None``: the whole section)."""
-    if not window:
-        return None
+    return None if not window else 2 * window * _section_mpp(section, str(DATA_DIR))
+
+
+@functools.cache
+def _section_mpp(section: str, data_dir: str) -> float:
     import bitro as bt
 
-    return 2 * window * bt.io.get_mpp(bt.datasets.her2st(section, data_dir=DATA_DIR, image=False))
+    return bt.io.get_mpp(bt.datasets.her2st(section, data_dir=data_dir, image=False))
 
 
 def preprocess_section(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 
 import numpy as np
@@ -29,6 +30,21 @@ def builds(monkeypatch):
 
     monkeypatch.setattr(_prepared, "prepare", counting)
     return done
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory, data_dir):
+    """One prepared C3 window (FAST recipe) in a module cache folder; tests copy it before damaging it."""
+    root = tmp_path_factory.mktemp("prepared")
+    _prepared.load_prepared(
+        "C3", crop_um=CROP_UM, preparation=FAST, image=False, data_dir=data_dir, cache_dir=root
+    )
+    return root
+
+
+def _copy_of(built_store, tmp_path):
+    shutil.copytree(built_store / "her2st", tmp_path / "her2st")
+    return tmp_path
 
 
 def _load(tmp_path, data_dir, **kwargs):
@@ -70,49 +86,60 @@ def test_prepared_section_is_built_once_then_read(tmp_path, data_dir, builds):
 
 
 @pytest.mark.realdata
-def test_changed_parameters_or_version_build_a_new_store(tmp_path, data_dir, builds, monkeypatch):
-    base = _load(tmp_path, data_dir)
-    _load(tmp_path, data_dir)
-    assert len(builds) == 1
-    other = _load(
-        tmp_path, data_dir, preparation=_prepared.Preparation(encoders=("morphology",), tile_size=512)
-    )
-    assert len(builds) == 2
-    monkeypatch.setattr(_prepared, "PREPARATION_VERSION", _prepared.PREPARATION_VERSION + 1)
-    _load(tmp_path, data_dir)
-    assert len(builds) == 3
-    _load(tmp_path, data_dir, crop_um=CROP_UM + 100)
-    assert len(builds) == 4
-    assert len(_stores(tmp_path)) == 4
-    assert base.attrs["bitro_prepared"]["key"] != other.attrs["bitro_prepared"]["key"]
+def test_changed_parameters_or_version_build_a_new_store(
+    tmp_path, data_dir, built_store, builds, monkeypatch
+):
+    cache = _copy_of(built_store, tmp_path)
+    base = _load(cache, data_dir)
+    assert builds == []  # the copied store is read, not rebuilt
     assert "he" not in base.images  # image=False: tables, shapes and the tissue mask only
+    key = base.attrs["bitro_prepared"]["key"]
+    path = _prepared.store_path(key, cache)
+    # every parameter is in the key, so any change names another store
+    for changed in (
+        {"preparation": _prepared.Preparation(encoders=("morphology",), tile_size=512)},
+        {"preparation": _prepared.Preparation(encoders=("morphology",), seed=1)},
+        {"crop_um": CROP_UM + 100},
+    ):
+        args = {"crop_um": CROP_UM, "preparation": FAST} | changed
+        other = _prepared.store_key("C3", data_dir=data_dir, **args)
+        assert other != key and _prepared.store_path(other, cache) != path
+    # a new preparation version really rebuilds (next to the old store, which is left alone)
+    monkeypatch.setattr(_prepared, "PREPARATION_VERSION", _prepared.PREPARATION_VERSION + 1)
+    newer = _load(cache, data_dir)
+    assert len(builds) == 1 and len(_stores(cache)) == 2
+    assert newer.attrs["bitro_prepared"]["key"]["preparation_version"] == key["preparation_version"] + 1
+    _load(cache, data_dir)
+    assert len(builds) == 1
 
 
 @pytest.mark.realdata
-def test_stale_record_in_a_store_is_rebuilt(tmp_path, data_dir, builds, caplog):
-    _load(tmp_path, data_dir)
-    [store] = _stores(tmp_path)
+def test_stale_record_in_a_store_is_rebuilt(tmp_path, data_dir, built_store, builds, caplog):
+    cache = _copy_of(built_store, tmp_path)
+    [store] = _stores(cache)
     meta = store / "zarr.json"
     data = json.loads(meta.read_text())
     data["attributes"]["bitro_prepared"]["key"]["preparation"]["seed"] = 7  # as if built differently
     meta.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="bitro"):
-        again = _load(tmp_path, data_dir)
-    assert len(builds) == 2
+        again = _load(cache, data_dir)
+    assert len(builds) == 1
     assert "recorded key" in caplog.text and "rebuilding" in caplog.text
     assert again.attrs["bitro_prepared"]["key"]["preparation"]["seed"] == 0
+    assert _prepared.read_record(store)["key"]["preparation"]["seed"] == 0  # the store itself was replaced
 
 
 @pytest.mark.realdata
-def test_corrupt_store_is_rebuilt(tmp_path, data_dir, builds, caplog):
-    first = _load(tmp_path, data_dir)
-    [store] = _stores(tmp_path)
+def test_corrupt_store_is_rebuilt(tmp_path, data_dir, built_store, builds, caplog):
+    cache = _copy_of(built_store, tmp_path)
+    first = _load(built_store, data_dir)
+    [store] = _stores(cache)
     for part in (store / "tables" / "cells").rglob("*"):
         if part.is_file():
             part.write_bytes(b"not zarr")
     with caplog.at_level(logging.WARNING, logger="bitro"):
-        again = _load(tmp_path, data_dir)
-    assert len(builds) == 2
+        again = _load(cache, data_dir)
+    assert len(builds) == 1
     assert "unusable" in caplog.text
     np.testing.assert_allclose(again["cells"].obsm["X_bitro"], first["cells"].obsm["X_bitro"])
 
