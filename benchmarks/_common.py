@@ -8,6 +8,7 @@ wall time of the run; :mod:`benchmarks.report` turns them into ``docs/benchmarks
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,13 +44,16 @@ SETTINGS: dict[str, Any] = {
     "full": False,
 }
 
-# preprocessing of the real sections (recorded with every result that uses them)
+# preprocessing of the real sections: bitro's prepared-section recipe (bt.datasets.her2st(..., prepared=True)),
+# with the benchmarks' own cache folder; windows (``--window``) keep spots whose centre is inside, as before
+PREPARATION_KW: dict[str, Any] = {"keep": "centre"}
 PREPROCESS = {
     "stain_method": "macenko",
     "tissue": "otsu (bt.pp.detect_tissue defaults)",
-    "segmentation": "watershed (bt.pp.segment_cells defaults, on the normalised image)",
+    "segmentation": "watershed (bt.pp.segment_cells defaults, on the normalised image, inside the tissue)",
     "tile_size": 1024,
     "crop_um": 33.0,
+    "recipe": "bitro.datasets._prepared.Preparation (the cache key records every field)",
 }
 
 
@@ -247,6 +252,30 @@ def crop_window(sdata: Any, half: int) -> Any:
     return bt.datasets.crop(sdata, size_um=2 * half * bt.io.get_mpp(sdata))
 
 
+def _preparation(encoders: tuple[str, ...], mode: str) -> Any:
+    from bitro.datasets._prepared import Preparation
+
+    prep = Preparation(encoders=tuple(encoders), mode=mode, **PREPARATION_KW)
+    assert (prep.stain_method, prep.tile_size, prep.embed_crop_um) == (
+        PREPROCESS["stain_method"],
+        PREPROCESS["tile_size"],
+        PREPROCESS["crop_um"],
+    ), "PREPROCESS no longer describes bitro's preparation recipe; update it"
+    return prep
+
+
+def window_um(section: str, window: int | None) -> float | None:
+    """The side (µm) of a ``2 * window`` px window of ``section`` (``None``: the whole section)."""
+    return None if not window else 2 * window * _section_mpp(section, str(DATA_DIR))
+
+
+@functools.cache
+def _section_mpp(section: str, data_dir: str) -> float:
+    import bitro as bt
+
+    return bt.io.get_mpp(bt.datasets.her2st(section, data_dir=data_dir, image=False))
+
+
 def preprocess_section(
     section: str,
     *,
@@ -256,23 +285,36 @@ def preprocess_section(
     steps: Steps | None = None,
     graph: bool = False,
 ) -> Any:
-    """Load a HER2ST section and run stain norm → tissue → segmentation → embedding(s) → assign (→ graph).
+    """Load a HER2ST section and prepare it like ``bt.datasets.her2st(..., prepared=True)`` (→ graph), uncached.
 
     The first encoder writes ``obsm["X_bitro"]``; others write ``obsm["X_<encoder>"]``. ``window``
-    (half-size in px) crops a central window first (for the slow crop mode).
+    (half-size in px) crops a central window first (for the slow crop mode). Every step is timed
+    by ``steps``.
     """
+    import bitro as bt
+    from bitro.datasets._prepared import load_section, prepare
+
     steps = steps or Steps()
+    prep = _preparation(encoders, mode)
     with steps("load"):
-        sdata = load_section(section, window=window)
-    return preprocess(sdata, encoders=encoders, mode=mode, steps=steps, graph=graph)
+        sdata = load_section(section, crop_um=window_um(section, window), preparation=prep, data_dir=DATA_DIR)
+    prepare(sdata, prep, timer=steps, desc=f"benchmarks: {section}")
+    if graph:
+        with steps("cell_graph"):
+            bt.pp.cell_graph(sdata)
+    return sdata
 
 
 def load_section(section: str, *, window: int | None = None) -> Any:
-    """A HER2ST section of the kit, cropped to its central ``2 * window`` px when ``window`` is given."""
-    import bitro as bt
+    """A HER2ST section of the kit (image ``he``, spots), cropped like :func:`cached_section` crops it."""
+    from bitro.datasets._prepared import load_section as _load
 
-    sdata = bt.datasets.her2st(section, data_dir=DATA_DIR)
-    return crop_window(sdata, window) if window else sdata
+    return _load(
+        section,
+        crop_um=window_um(section, window),
+        preparation=_preparation(("efficientnet_lite0",), "tile"),
+        data_dir=DATA_DIR,
+    )
 
 
 def preprocess(
@@ -285,33 +327,14 @@ def preprocess(
 ) -> Any:
     """The benchmarks' preprocessing of a loaded slide (image ``he``, spots), in place; returns ``sdata``.
 
-    Stain norm (:data:`PREPROCESS`) → tissue → segmentation → embedding(s) → assign (→ graph): what
-    :func:`cached_section` stores for every section, applied here to any slide (e.g. a shifted one).
+    The prepared-section recipe that :func:`cached_section` stores for every section, applied here to
+    any slide (e.g. a shifted one).
     """
     import bitro as bt
+    from bitro.datasets._prepared import prepare
 
     steps = steps or Steps()
-    with steps("stain_norm"):
-        bt.pp.normalize_stains(sdata, method=PREPROCESS["stain_method"], seed=SEED)
-    with steps("tissue"):
-        bt.pp.detect_tissue(sdata, image_key="he_normalized")
-    with steps("segmentation"):
-        bt.pp.segment_cells(sdata, image_key="he_normalized", tile_size=PREPROCESS["tile_size"], seed=SEED)
-    for i, enc in enumerate(encoders):
-        with steps(f"embed_{enc}_{mode}"):
-            bt.pp.embed_cells(
-                sdata,
-                image_key="he_normalized",
-                encoder=enc,
-                mode=mode if enc != "morphology" else "tile",
-                tile_size=PREPROCESS["tile_size"],
-                crop_um=PREPROCESS["crop_um"],
-                device="cpu",
-                key_added="X_bitro" if i == 0 else f"X_{enc}",
-                seed=SEED,
-            )
-    with steps("assign_cells"):
-        bt.pp.assign_cells(sdata)
+    prepare(sdata, _preparation(encoders, mode), timer=steps, desc="benchmarks: preprocess")
     if graph:
         with steps("cell_graph"):
             bt.pp.cell_graph(sdata)
@@ -354,11 +377,29 @@ def cached_section(
     mode: str = "tile",
     window: int | None = None,
 ) -> Any:
-    """Preprocessed tables of a section, from ``benchmarks/cache/`` or computed and cached."""
-    return cached_tables(
-        cache_key(section, encoders, mode, window),
-        lambda steps: preprocess_section(section, encoders=encoders, mode=mode, window=window, steps=steps),
+    """Preprocessed tables of a section: bitro's prepared-section store in ``benchmarks/cache/`` (built once)."""
+    import spatialdata as sd
+
+    from bitro.datasets._prepared import load_prepared
+
+    steps = Steps()
+    sdata = load_prepared(
+        section,
+        crop_um=window_um(section, window),
+        data_dir=DATA_DIR,
+        cache_dir=CACHE_DIR,
+        image=False,
+        preparation=_preparation(encoders, mode),
+        timer=steps,
     )
+    if steps.records:  # built now: keep the peak memory of each step next to the store
+        path = _prepared_path(section, encoders, mode, window)
+        path.with_suffix(".steps.json").write_text(json.dumps(steps.records, indent=1))
+    with warnings.catch_warnings():  # tables only: their shapes are left out on purpose
+        warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
+        return sd.SpatialData(
+            tables={k: sdata.tables[k] for k in ("spots", "cells")}, attrs=dict(sdata.attrs)
+        )
 
 
 def cached_tables(name: str, build: Any) -> Any:
@@ -374,11 +415,32 @@ def cached_tables(name: str, build: Any) -> Any:
     return load_tables(path)
 
 
+def _prepared_path(section: str, encoders: tuple[str, ...], mode: str, window: int | None) -> Path:
+    from bitro.datasets._prepared import store_key, store_path
+
+    key = store_key(
+        section,
+        crop_um=window_um(section, window),
+        preparation=_preparation(encoders, mode),
+        data_dir=DATA_DIR,
+    )
+    return store_path(key, CACHE_DIR)
+
+
 def cache_info(section: str, **kwargs: Any) -> dict[str, Any]:
-    """The ``extra`` block (timings of the preprocessing) stored with a cached section."""
+    """Timings of the preprocessing of a cached section (``{"steps": {...}}``; ``{}`` when not cached)."""
+    from bitro.datasets._prepared import read_record
+
     keys = {"encoders": ("efficientnet_lite0",), "mode": "tile", "window": None, **kwargs}
-    path = CACHE_DIR / cache_key(section, keys["encoders"], keys["mode"], keys["window"]) / "attrs.json"
-    return json.loads(path.read_text())["extra"] if path.exists() else {}
+    path = _prepared_path(section, tuple(keys["encoders"]), keys["mode"], keys["window"])
+    record = read_record(path)
+    if not record:
+        return {}
+    steps = record.get("steps", {})
+    extra = path.with_suffix(".steps.json")
+    if extra.is_file():  # the benchmark's own records (with peak RSS) when it built the store
+        steps = {**steps, **json.loads(extra.read_text())}
+    return {"steps": steps, "preprocess": PREPROCESS}
 
 
 if __name__ == "__main__":  # build the cache: python -m benchmarks._common C2 C3 ...

@@ -19,17 +19,13 @@ import time
 from typing import Any
 
 from benchmarks._common import (
-    CACHE_DIR,
-    PREPROCESS,
     SEED,
     Steps,
-    cache_key,
     max_rss_mb,
     md_table,
     metadata,
     preprocess_section,
     run_worker,
-    save_tables,
 )
 
 SECTION = "C2"
@@ -60,9 +56,6 @@ def worker(quick: bool) -> dict[str, Any]:
     n_in_spots = int(cells.obs["spot_id"].notna().sum()) if "spot_id" in cells.obs else None
     img = sdata.images["he"]
     shape = list(img.shape if hasattr(img, "shape") else img["scale0"]["image"].shape)
-    path = CACHE_DIR / cache_key(SECTION, encoders, "tile", window)
-    if not path.exists():
-        save_tables(sdata, path, extra={"steps": steps.records, "preprocess": PREPROCESS})
     return {
         "section": SECTION,
         "image_shape_cyx": shape,

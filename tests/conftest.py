@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("BITRO_DATA_DIR", ROOT.parent / "shared" / "data"))
 
+# Prepared sections (bt.datasets.her2st(..., prepared=True)) go to one cache folder per test session,
+# shared with the notebook kernels the tutorial tests start; scripts/test.sh sets BITRO_CACHE_DIR so
+# that its two pytest runs share it. The user's own cache (~/.cache/bitro) is never written by tests.
+_OWN_CACHE = None
+if not os.environ.get("BITRO_CACHE_DIR"):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="bitro-test-cache-")
+    os.environ["BITRO_CACHE_DIR"] = _OWN_CACHE
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""The benchmark harness builds its results page from result dicts (no benchmark is run here)."""
+"""The benchmark harness: results page from result dicts (no benchmark is run here), section cache."""
 
 from __future__ import annotations
 
@@ -654,3 +654,20 @@ def test_spahgc_markdown_reports_seeds_undefined_genes_and_the_honest_reading():
     assert "Without exemplars, normalised PCC_gene drops from 0.140 to 0.120" in md
     assert "### Exemplar index" in md and "Caution" not in md
     assert spahgc.markdown({**fake_spahgc(), "rows": []}).endswith("No results.\n")
+
+
+@pytest.mark.realdata
+def test_cached_section_is_bitros_prepared_store_in_the_benchmark_cache(tmp_path, monkeypatch, data_dir):
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(common, "DATA_DIR", data_dir)
+    assert common.cache_info("C3", encoders=("morphology",), window=250) == {}
+    first = common.cached_section("C3", encoders=("morphology",), window=250)
+    [store] = (tmp_path / "her2st").glob("C3_*.zarr")  # bt.datasets.her2st(..., prepared=True)'s store
+    assert set(first.tables) == {"spots", "cells"} and not first.images  # tables only, as before
+    assert first["cells"].obsm["X_bitro"].shape[1] == 28  # the morphology encoder's features
+    info = common.cache_info("C3", encoders=("morphology",), window=250)
+    assert {"load", "segmentation", "embed_morphology_tile"} <= set(info["steps"])
+    assert "peak_rss_mb" in info["steps"]["segmentation"]  # the benchmark's own step records
+    again = common.cached_section("C3", encoders=("morphology",), window=250)
+    assert store.stat().st_mtime_ns == next((tmp_path / "her2st").glob("C3_*.zarr")).stat().st_mtime_ns
+    assert again["cells"].n_obs == first["cells"].n_obs

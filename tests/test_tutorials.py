@@ -130,12 +130,21 @@ def test_her2st_spot_prediction(tmp_path):
     res, nb = run("01_her2st_spot_prediction.ipynb", tmp_path)
     assert n_images(nb) >= 4
     assert res["n_test_spots"] >= 10 and res["n_train_spots"] >= 40
-    assert res["n_genes"] >= 20
+    # select_genes(n_top=100) keeps genes in both top-100 lists (fewer than 100), then ERBB2 is added
+    assert 20 <= res["n_genes_selected"] < 100
+    assert res["n_genes"] in (res["n_genes_selected"], res["n_genes_selected"] + 1)
     models = ("bitro", "ridge", "depth", "cell_count")
     assert set(res["pcc_gene"]) == {f"{m}/{s}" for m in models for s in ("raw", "library_size")}
     assert all(finite(v) and -1 <= v <= 1 for v in res["pcc_gene"].values())
-    # the depth baseline predicts one profile scaled by depth: no gene-specific signal is left
-    assert abs(res["pcc_gene"]["depth/library_size"]) < 1e-6
+    # the depth baseline predicts one profile scaled by depth: little gene-specific signal is left. Not
+    # exactly 0: its predictions are clipped (a few spots at the cap, one near zero), which breaks the
+    # proportionality on those spots
+    assert abs(res["pcc_gene"]["depth/library_size"]) < 0.05
+    # the headline line names the model with the higher gene-specific score
+    pcc = res["pcc_gene"]
+    assert res["winner_library_size"] == (
+        "bitro" if pcc["bitro/library_size"] > pcc["ridge/library_size"] else "ridge"
+    )
     assert finite(res["erbb2_pcc_raw"])
 
 
@@ -148,18 +157,27 @@ def test_bulk_and_transfer(tmp_path):
     for row in bulk.values():
         assert finite(row["PCC_overall"]) and -1 <= row["PCC_overall"] <= 1
         assert finite(row["JS"]) and 0 <= row["JS"] <= math.log(2)
-    assert set(res["spot_pcc_gene_raw"]) == {"spot model", "bulk → spot (LoRA)"}
+    assert set(res["spot_pcc_gene_raw"]) == {"spot model", "bulk → spot (LoRA)", "ridge"}
     assert all(finite(v) for v in res["spot_pcc_gene_raw"].values())
+    assert res["winner_spot_library_size"] in {"spot model", "bulk → spot (LoRA)", "ridge"}
 
 
+@pytest.mark.realdata
 @pytest.mark.slow
 def test_cell_clustering(tmp_path):
     res, nb = run("03_cell_clustering.ipynb", tmp_path)
-    assert n_images(nb) >= 2  # UMAP of the clusters, clusters on the tissue next to the true types
-    assert res["n_clusters"] >= 2
-    assert finite(res["ari"]) and -1 <= res["ari"] <= 1
-    assert res["matched_fraction"] > 0.5  # most segmented cells sit on a true nucleus
-    assert res["method"] in ("leiden", "kmeans")
+    assert n_images(nb) >= 3  # UMAPs, clusters and types on the tissue, neighbourhood enrichment
+    assert res["method"] == "leiden"  # never a silent k-means fallback
+    assert res["n_clusters"] >= 2 and res["n_types"] >= 2
+    assert 100 <= res["n_cells_predicted"] <= res["n_cells"]
+    pcc = res["pcc_gene_library_size"]
+    assert set(pcc) == {"bitro", "ridge"} and all(finite(v) and -1 <= v <= 1 for v in pcc.values())
+    assert res["winner_library_size"] == max(pcc, key=pcc.get)
+    assert res["nhood_zscore_shape"] == [res["n_types"], res["n_types"]]
+    assert res["nhood_zscore_finite"]
+    assert res["composition_spots"] >= 10
+    assert set(res["composition_r"]) == {"predicted cells", "equal split"}
+    assert all(v is None or (finite(v) and -1 <= v <= 1) for v in res["composition_r"].values())
 
 
 @pytest.mark.realdata
@@ -171,6 +189,7 @@ def test_read_hest(tmp_path):
     assert res["mpp"] > 0
     assert res["spots_inside_image"]
     assert res["counts_roundtrip"]
+    assert res["cellvit_colours"]  # the nuclei are drawn in the file's CellViT class colours
 
 
 if __name__ == "__main__":  # re-execute the stored notebooks in place

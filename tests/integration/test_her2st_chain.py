@@ -3,6 +3,9 @@
 Each of the five patient-C sections is cropped to a window of spots around its centre,
 stain-normalised, segmented, embedded (morphology in the quick test; the ImageNet CNN on one
 section) and assigned to spots. A model fitted on four sections predicts the fifth.
+
+Marked ``chain``: the default ``pytest`` run skips it; ``scripts/test.sh`` (CI) runs it in its
+second pytest call.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import spatialdata as sd
 
 import bitro as bt
 
-pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.chain]
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")
 HALF_WINDOW_PX = 600
 

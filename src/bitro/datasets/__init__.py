@@ -13,6 +13,7 @@ _EXPORTS = {
     "thin_counts": "._shift",
     "restain": "._shift",
     "rescale": "._shift",
+    "cache_dir": "._prepared",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
