@@ -256,6 +256,27 @@ def fit_and_score(
     return rows, record
 
 
+def bitro_defaults() -> dict[str, Any]:
+    """The network and setup defaults and the section-cache recipe a bitro fit here depends on.
+
+    Stored fits are reused only when these are unchanged (a changed default head, loss or
+    preprocessing recipe means every bitro fit is redone).
+    """
+    from dataclasses import asdict
+
+    from benchmarks._common import PREPROCESS, cache_key
+
+    from bitro.models import BiTroConfig
+    from bitro.tl import SetupConfig
+
+    return {
+        "network": {k: v for k, v in asdict(BiTroConfig(n_genes=1)).items() if k != "n_genes"},
+        "setup": {k: v for k, v in asdict(SetupConfig()).items() if not callable(v)},
+        "cache": cache_key("C2", ENCODERS, "tile", SETTINGS["window"]),
+        "preprocess": PREPROCESS,
+    }
+
+
 def _reusable(name: str, quick: bool, kw: dict[str, Any], n_genes: int) -> dict[tuple, dict[str, Any]]:
     """bitro fits already in ``results/<name>.json`` from an interrupted run with the same protocol.
 
@@ -273,8 +294,8 @@ def _reusable(name: str, quick: bool, kw: dict[str, Any], n_genes: int) -> dict[
     p = old.get("protocol", {})
     if old.get("meta", {}).get("quick") or p.get("bitro_fit_kwargs") != kw or p.get("n_genes") != n_genes:
         return {}
-    if p.get("window_half_px") != SETTINGS["window"]:
-        return {}
+    if p.get("window_half_px") != SETTINGS["window"] or p.get("bitro_defaults") != bitro_defaults():
+        return {}  # another window, or fits of other network/setup defaults or another section cache
     commit = old["meta"]["git"]["commit"]
     out: dict[tuple, dict[str, Any]] = {}
     for r in old.get("rows", []):
@@ -300,7 +321,8 @@ def _result(name, quick, t0, names, folds_main, folds_ab, genes, kw, sections, r
             "n_genes": len(genes),
             "bitro_fit_kwargs": kw,
             "bitro_config": "BiTroConfig defaults (hidden 128, 2 GAT layers × 4 heads, 2 Transformer layers, "
-            "gene-query pooling, per-gene readout, linear output)",
+            "per-cell count head with the cells' own features skipped past the trunk)",
+            "bitro_defaults": bitro_defaults(),
             "encoders": list(ENCODERS),
             "window_half_px": QUICK_WINDOW if quick else SETTINGS["window"],
             "cells": {n: int(s["cells"].n_obs) for n, s in sections.items()},

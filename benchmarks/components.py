@@ -59,7 +59,14 @@ def _reusable(kw: dict[str, Any]) -> dict[tuple[str, str, int], list[dict[str, A
     if not path.exists():
         return {}
     old = json.loads(path.read_text())
-    if old.get("meta", {}).get("quick") or old.get("protocol", {}).get("fit_kwargs") != kw:
+    from benchmarks.accuracy import bitro_defaults
+
+    p = old.get("protocol", {})
+    if (
+        old.get("meta", {}).get("quick")
+        or p.get("fit_kwargs") != kw
+        or p.get("bitro_defaults") != bitro_defaults()
+    ):
         return {}
     out: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in old.get("rows", []):
@@ -118,6 +125,12 @@ def run(quick: bool) -> dict[str, Any]:
     return out
 
 
+def _defaults() -> dict[str, Any]:
+    from benchmarks.accuracy import bitro_defaults
+
+    return bitro_defaults()
+
+
 def _result(quick, t0, names, folds, seeds, variants, kw, genes, rows, times) -> dict[str, Any]:
     out = {
         "name": NAME,
@@ -128,6 +141,7 @@ def _result(quick, t0, names, folds, seeds, variants, kw, genes, rows, times) ->
             "seeds": seeds,
             "variants": {v: {"config": VARIANTS[v][0], "options": VARIANTS[v][1]} for v in variants},
             "fit_kwargs": kw,
+            "bitro_defaults": _defaults(),
             "n_genes": len(genes),
         },
         "rows": rows,
