@@ -11,7 +11,7 @@ its sd — a component carries its weight only when that difference is clearly a
 
 ``--quick``: central windows of one fold, one seed, 3 epochs (checks the harness).
 Environment: ``BITRO_COMPONENTS_SEEDS`` (e.g. ``0,1``) and ``BITRO_COMPONENTS_VARIANTS`` (comma list of
-names) restrict a run; results of an interrupted run of the same protocol are reused.
+names; no name contains a comma) restrict a run; results of an interrupted run of the same protocol are reused.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "poisson loss": ({}, {"loss": "poisson"}),
     "no GAT": ({"use_gat": False}, {}),
     "no Transformer": ({"use_transformer": False}, {}),
-    "no GAT, no Transformer": ({"use_gat": False, "use_transformer": False}, {}),
+    "neither GAT nor Transformer": ({"use_gat": False, "use_transformer": False}, {}),
     "attention head, mean pooling": ({"head": "attention", "pooling": "mean"}, {}),
     "raw-count targets": ({}, {"target": "raw"}),
 }
