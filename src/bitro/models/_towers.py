@@ -1,8 +1,7 @@
 """The two towers of contrastive image ↔ expression alignment (HESCAPE-style) and their losses.
 
 - :class:`ProjectionHead`: the MLP every tower ends with, ``Linear → GELU → Dropout → Linear``
-  (its ``state_dict`` keys are ``net.0.*`` and ``net.3.*``; :mod:`bitro.pp` rebuilds the same layout
-  to load a saved image tower without importing this package).
+  (its ``state_dict`` keys are ``net.0.*`` and ``net.3.*``).
 - :class:`CellPoolTower`: the image side. Each cell's feature vector goes through the head; a spot's
   embedding is the **mean of its cells' head outputs**, so the same head applied to single cells
   gives cell embeddings whose spot means are exactly the spot embeddings.

@@ -4,14 +4,11 @@ An aligned-encoder folder is ``config.json`` + ``model.safetensors`` (no pickle)
 ``"bitro-aligned-encoder/1"``. ``config.json`` records a sha256 of every array and of the JSON itself,
 verified at load: an edited setting or replaced weights are refused naming the file.
 
-The folder's ``kind`` says what its image tower consumes:
-
-- ``"features"``: the cells' existing embedding ``cells.obsm[use_rep]`` (projected, then a per-cell
-  MLP). It is **not** an image encoder: ``bt.pp.embed_cells(encoder=<folder>)`` refuses it and points
-  at :func:`bitro.tl.apply_alignment`, which writes ``cells.obsm`` / ``spots.obsm``.
-- ``"efficientnet_lite0"``: cell crops through EfficientNet-Lite0 whose last blocks were fine-tuned,
-  then the MLP head. ``bt.pp.embed_cells(sdata, encoder=<folder>, mode="crop")`` loads it like any
-  other encoder (:class:`AlignedCNNEncoder`).
+The folder's ``kind`` says what its image tower consumes. The only kind so far, ``"features"``, takes
+the cells' existing embedding ``cells.obsm[use_rep]`` (projected, then a per-cell MLP): it is **not**
+an image encoder, so ``bt.pp.embed_cells(encoder=<folder>)`` recognises the folder and refuses it,
+pointing at :func:`bitro.tl.apply_alignment` (which writes ``cells.obsm`` / ``spots.obsm``). An image
+tower fine-tuned on crops would load here as an :class:`~bitro.pp._encoders.Encoder`.
 
 This module lives in :mod:`bitro.pp` because encoders do; :mod:`bitro.tl` writes the folders with
 :func:`write_aligned_folder`.
@@ -26,15 +23,10 @@ from typing import Any
 import numpy as np
 
 from bitro._hashing import arrays_sha256, json_sha256
-from bitro.pp._encoders import Encoder
 
 FORMAT = "bitro-aligned-encoder/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-#: Prefix of the image tower's head in ``model.safetensors`` (keys ``net.0.*`` and ``net.3.*`` below it).
-HEAD_PREFIX = "image.head."
-#: Prefix of the fine-tuned EfficientNet parameters (its ``state_dict`` names below it).
-TRUNK_PREFIX = "trunk."
 
 
 def is_aligned_folder(path: str | Path) -> bool:
@@ -110,86 +102,17 @@ def read_aligned_folder(path: str | Path) -> tuple[dict[str, Any], dict[str, np.
     return config, arrays
 
 
-def _head_module(arrays: dict[str, np.ndarray], path: Path) -> Any:
-    """The image head (``Linear → GELU → Dropout → Linear``, :class:`bitro.models.ProjectionHead`'s layout)."""
-    import torch
-    from torch import nn
-
-    part = {k[len(HEAD_PREFIX) :]: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
-    try:
-        hidden, in_dim = part["net.0.weight"].shape
-        out_dim = part["net.3.weight"].shape[0]
-    except KeyError as err:
-        msg = f"{path}/{WEIGHTS_FILE} holds no image head ({err}); the folder is incomplete."
-        raise ValueError(msg) from err
-    net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, out_dim))
-    head = nn.Module()
-    head.net = net
-    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in part.items()}, strict=True)
-    return head.eval()
-
-
-class AlignedCNNEncoder(Encoder):
-    """EfficientNet-Lite0 with fine-tuned last blocks and the aligned head (crop mode only).
-
-    ``embed_crops`` gives each cell's aligned embedding: the mean-pooled final feature map of its crop
-    through the head; the spot means of these are the spot embeddings the alignment was trained on.
-    """
-
-    stride = None  # the head is learnt on pooled crops: no tile mode
-
-    def __init__(self, path: Path, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        import torch
-
-        from bitro.pp._encoders_torch import EfficientNetLite0Encoder
-
-        base = EfficientNetLite0Encoder()
-        if config.get("base_checkpoint_sha256") != base.provenance().get("checkpoint_sha256"):
-            msg = (
-                f"{path} was fine-tuned from another EfficientNet-Lite0 checkpoint than the installed one; "
-                "install the package version it was trained with, or align again."
-            )
-            raise ValueError(msg)
-        tuned = {k[len(TRUNK_PREFIX) :]: v for k, v in arrays.items() if k.startswith(TRUNK_PREFIX)}
-        prefixes = tuple(config.get("trunk_prefixes", []))
-        state = base.module.state_dict()
-        expected = {k for k in state if k.startswith(prefixes)} if prefixes else set()
-        if set(tuned) != expected:
-            msg = f"{path}: the stored fine-tuned layers do not match {list(prefixes)}; the folder is inconsistent."
-            raise ValueError(msg)
-        state.update({k: torch.from_numpy(np.array(v)) for k, v in tuned.items()})
-        base.module.load_state_dict(state, strict=True)
-        self._base, self._head = base, _head_module(arrays, path)
-        self.name = f"aligned:{config.get('kind')}"
-        self.checkpoint = str(path / WEIGHTS_FILE)
-        self.input_size = base.input_size
-        self.dim = int(self._head.net[3].out_features)
-
-    def to(self, device: Any) -> Encoder:
-        self._base.to(device)
-        self._head.to(self._base.device)
-        return self
-
-    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
-        """Aligned embeddings ``(n, dim)`` of ``(n, h, w, 3) uint8`` cell crops."""
-        import torch
-
-        with torch.inference_mode():
-            fmap = self._base._forward_map(self._base._tensor(crops, resize=True))
-            return self._head.net(fmap.mean(dim=(2, 3))).float().cpu().numpy()
-
-
-def load_aligned_encoder(path: str | Path) -> Encoder:
+def load_aligned_encoder(path: str | Path) -> Any:
     """The encoder of an aligned-encoder folder (the hook of :func:`bitro.pp.get_encoder` for such folders).
 
     Raises
     ------
     ValueError
         A ``"features"`` folder (it aligns existing features, not images: use
-        :func:`bitro.tl.apply_alignment`), or a folder that fails its integrity checks.
+        :func:`bitro.tl.apply_alignment`), an unknown kind, or a folder that fails its integrity checks.
     """
     path = Path(path)
-    config, arrays = read_aligned_folder(path)
+    config, _ = read_aligned_folder(path)
     if config.get("kind") == "features":
         msg = (
             f"{str(path)!r} aligns the cells' existing features (cells.obsm[{config.get('use_rep')!r}]), not "
@@ -197,7 +120,5 @@ def load_aligned_encoder(path: str | Path) -> Encoder:
             "path, key_added=...) on a slide embedded like its training slides."
         )
         raise ValueError(msg)
-    if config.get("kind") != "efficientnet_lite0":
-        msg = f"{path}: unknown aligned-encoder kind {config.get('kind')!r}; expected 'features' or 'efficientnet_lite0'."
-        raise ValueError(msg)
-    return AlignedCNNEncoder(path, config, arrays)
+    msg = f"{path}: unknown aligned-encoder kind {config.get('kind')!r}; this bitro writes only 'features'."
+    raise ValueError(msg)

@@ -311,9 +311,6 @@ def align_encoder(
     setup = setup.replace(seed=resolve_seed(setup.seed))
     given = train.to_dict() if isinstance(train, TrainConfig) else dict(train or {})
     train_cfg = TrainConfig.from_dict({**TRAIN_DEFAULTS, **given, **train_opts})
-    if cfg.encoder != "features":
-        msg = f"align_encoder(encoder={cfg.encoder!r}) is not available in this version; use encoder='features'."
-        raise NotImplementedError(msg)
     sdatas = as_slides(sdatas)
     names = [slide_name(s, i) for i, s in enumerate(sdatas)]
     if len(sdatas) < 2:

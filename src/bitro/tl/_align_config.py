@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from bitro.tl._configs import _check_float, _check_int, _opt, _Options
 
-#: Image towers: ``"features"`` projects the cells' existing ``obsm`` embedding; ``"efficientnet_lite0"``
-#: fine-tunes the last blocks of the CNN on cell crops.
-ENCODERS = ("features", "efficientnet_lite0")
+#: Image towers: ``"features"`` projects the cells' existing ``obsm`` embedding. (Fine-tuning a CNN on
+#: cell crops, ``"efficientnet_lite0"``, is planned: issue 14.)
+ENCODERS = ("features",)
 LOSSES = ("clip", "siglip")
 #: TrainConfig values of the alignment loop unless given (many small steps; contrastive batches want
 #: many negatives, so more spots per step than BiTro's bags).
@@ -29,11 +29,9 @@ class AlignConfig(_Options):
     Parameters
     ----------
     encoder
-        ``"features"``: the image tower is an MLP over the cells' existing embedding
+        ``"features"`` (the only tower so far): an MLP over the cells' existing embedding
         ``cells.obsm[use_rep]`` (PCA-projected), applied per cell and averaged per spot; saved folders
-        are applied with :func:`bitro.tl.apply_alignment`. ``"efficientnet_lite0"``: EfficientNet-Lite0
-        on cell crops with its last ``n_blocks`` blocks fine-tuned, then the MLP; saved folders are
-        image encoders for :func:`bitro.pp.embed_cells`.
+        are applied with :func:`bitro.tl.apply_alignment`.
     loss
         ``"clip"`` (symmetric InfoNCE, softmax over the batch) or ``"siglip"`` (pairwise sigmoid).
     embed_dim
@@ -44,36 +42,27 @@ class AlignConfig(_Options):
         Dropout inside both MLPs (training only).
     temperature
         Initial temperature of the loss (learnt).
-    n_blocks
-        ``"efficientnet_lite0"``: number of final MBConv blocks fine-tuned (with the head convolution).
-    n_views
-        ``"efficientnet_lite0"``: stain-augmented views of every training crop (each epoch uses one).
-    crop_um
-        ``"efficientnet_lite0"``: side of each cell crop in µm.
     """
 
-    encoder: str = _opt("features", "image tower: features or efficientnet_lite0", choices=ENCODERS)
+    encoder: str = _opt("features", "image tower: features", choices=ENCODERS)
     loss: str = _opt("clip", "contrastive loss: clip or siglip", choices=LOSSES)
     embed_dim: int = _opt(64, "width of the aligned space")
     hidden_dim: int = _opt(256, "hidden width of the tower MLPs")
     dropout: float = _opt(0.1, "dropout in the tower MLPs")
     temperature: float = _opt(0.07, "initial temperature of the loss (learnt)")
-    n_blocks: int = _opt(1, "efficientnet_lite0: final blocks fine-tuned")
-    n_views: int = _opt(2, "efficientnet_lite0: stain-augmented views per crop")
-    crop_um: float = _opt(33.0, "efficientnet_lite0: cell crop side in µm")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         if self.encoder not in ENCODERS:
-            msg = f"{name}.encoder must be one of {ENCODERS}, got {self.encoder!r}."
+            msg = (
+                f"{name}.encoder must be one of {ENCODERS}, got {self.encoder!r}: fine-tuning an image encoder "
+                "on crops is not available yet; embed the cells with it (bt.pp.embed_cells) and align its features."
+            )
             raise ValueError(msg)
         if self.loss not in LOSSES:
             msg = f"{name}.loss must be one of {LOSSES}, got {self.loss!r}."
             raise ValueError(msg)
         _check_int(name, "embed_dim", self.embed_dim, low=2)
         _check_int(name, "hidden_dim", self.hidden_dim, low=1)
-        _check_int(name, "n_blocks", self.n_blocks, low=1)
-        _check_int(name, "n_views", self.n_views, low=1)
         _check_float(name, "dropout", self.dropout, low=0.0, high=1.0)
         _check_float(name, "temperature", self.temperature, low=0.0, low_open=True)
-        _check_float(name, "crop_um", self.crop_um, low=0.0, low_open=True)
