@@ -163,5 +163,7 @@ def test_bad_inputs(slides):
         bt.tl.align_encoder([slides[0], unassigned], **FIT)
     with pytest.raises(ValueError, match="clip"):
         bt.tl.align_encoder(slides[:2], loss="triplet", **FIT)
+    with pytest.raises(ValueError, match="not available yet"):
+        bt.tl.align_encoder(slides[:2], encoder="efficientnet_lite0", **FIT)
     with pytest.raises(TypeError, match="Unknown option"):
         bt.tl.align_encoder(slides[:2], n_epochs=3, **FIT)
