@@ -32,7 +32,7 @@ _EXPORTS = {
     "register_level": "._levels",
     "Level": "._levels",
     "align_encoder": "._align",
-    "apply_alignment": "._align",
+    "apply_alignment": "._align_apply",
     "Alignment": "._align",
     "AlignConfig": "._align_config",
     "cross_modal_recall": "._align_metrics",
