@@ -36,11 +36,13 @@ BENCHMARKS = {
     "shift": "benchmarks.shift",
     "components": "benchmarks.components",
     "spahgc": "benchmarks.spahgc",
+    "align": "benchmarks.align",
 }
 ALIASES = {"speed": "embedding"}
 #: Benchmarks that only run with ``--full`` (or when named with ``--only``): each takes 10 min or more.
 FULL_ONLY = (
     "scaling", "bulk_memory", "distributed", "crop_vs_tile", "composition", "shift", "components", "spahgc",
+    "align",
 )
 STANDARD = tuple(n for n in BENCHMARKS if n not in FULL_ONLY)
 FULL = tuple(BENCHMARKS)

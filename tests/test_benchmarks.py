@@ -560,6 +560,7 @@ def test_shift_markdown_reports_losses_the_ceiling_and_collapses():
     page = main.build_page({"shift": _fake_shift()})
     assert "### Where bitro loses" in page and "stain: TCGA tile, normalised" in page
 
+
 def fake_spahgc() -> dict:
     """SpaHGC above ridge and retrieval but below bitro on the normalised scale (known answer)."""
     from benchmarks import spahgc
@@ -654,6 +655,33 @@ def test_spahgc_markdown_reports_seeds_undefined_genes_and_the_honest_reading():
     assert "Without exemplars, normalised PCC_gene drops from 0.140 to 0.120" in md
     assert "### Exemplar index" in md and "Caution" not in md
     assert spahgc.markdown({**fake_spahgc(), "rows": []}).endswith("No results.\n")
+
+
+def test_align_markdown_reports_chance_and_the_honest_reading():
+    from benchmarks import align
+
+    rows, speed = [], []
+    for test, shift in (("C2", 0.0), ("C3", 0.02)):
+        base = {"test": test, "use_rep": "X_bitro", "loss": "clip", "seed": 0}
+        for k in align.KS:
+            for direction in ("image→expression", "expression→image"):
+                rows.append({**base, "metric": "recall", "space": "aligned", "direction": direction, "k": k,
+                             "value": 0.1 * k + shift, "chance": k / 100, "n_spots": 100})  # fmt: skip
+        for space, v in (("knn_aligned", 0.10), ("knn_unaligned", 0.12), ("ridge", 0.11)):
+            rows.append(
+                {**base, "metric": "pcc_gene_norm", "space": space, "value": v + shift, "n_constant": 0}
+            )
+        for space, v in (("unaligned", 0.3), ("aligned", 0.1)):
+            rows.append({**base, "metric": "silhouette_slide", "space": space, "value": v})
+        speed.append({**base, "align_seconds": 2.0, "align_cpu_seconds": 2.0, "epochs": 20})
+    protocol = {"sections": ["C2", "C3"], "n_genes": 785, "window_half_px": 1500, "align_kwargs": align.ALIGN_KW,
+                "losses": ["clip"], "seeds": [0], "n_neighbors": 8}  # fmt: skip
+    md = align.markdown({"rows": rows, "speed": speed, "protocol": protocol, "meta": {}})
+    assert "align" in main.FULL_ONLY and "align" not in main.STANDARD
+    assert "| X_bitro | clip | 0.110 (0.010) | 0.510 (0.050) |" in md  # recall (chance), mean of two folds
+    assert "0.110 ± 0.014" in md and "0.130 ± 0.014" in md  # kNN aligned, unaligned
+    assert "does **not** beat the unaligned baselines" in md
+    assert align.markdown({"rows": [], "protocol": protocol}).endswith("No results.\n")
 
 
 @pytest.mark.realdata

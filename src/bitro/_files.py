@@ -70,7 +70,8 @@ def _foreign(path: Path, kind: OutputKind, header: str | None) -> str | None:
             config = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             return "it has no readable config.json"
-        if not isinstance(config, dict) or not str(config.get("format", "")).startswith("bitro-model/"):
+        fmt = str(config.get("format", "")) if isinstance(config, dict) else ""
+        if not fmt.startswith(("bitro-model/", "bitro-aligned-encoder/")):
             return "its config.json is not a bitro model config"
         return None
     if not entries & {"zarr.json", ".zgroup"}:

@@ -1,4 +1,4 @@
-"""The networks: pure torch / PyG modules that know nothing about AnnData (BiTro and SpaHGC).
+"""The networks: pure torch / PyG modules that know nothing about AnnData (BiTro, SpaHGC, alignment towers).
 
 The user-facing model class that trains on SpatialData is :class:`bitro.tl.BiTroModel`; this package
 imports nothing from :mod:`bitro.tl`.
@@ -27,6 +27,14 @@ _EXPORTS = {
     "MaskedGraphContrast": "._contrastive",
     "complementary_masks": "._contrastive",
     "drop_edges": "._contrastive",
+    "ProjectionHead": "._towers",
+    "CellPoolTower": "._towers",
+    "GeneTower": "._towers",
+    "ClipLoss": "._towers",
+    "SigLipLoss": "._towers",
+    "AlignmentNet": "._towers",
+    "contrastive_loss": "._towers",
+    "segment_mean": "._towers",
 }
 __all__ = sorted(_EXPORTS)
 _lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -251,6 +251,10 @@ def _resolve(encoder: Any) -> Encoder:
         prefix, sep, arg = spec.partition(":")
         if sep and prefix in _REGISTRY and arg:
             return _wrap(_REGISTRY[prefix](arg), name=prefix)
+        from bitro.pp._encoders_aligned import is_aligned_folder, load_aligned_encoder
+
+        if is_aligned_folder(os.path.expanduser(spec)):  # written by bt.tl.align_encoder(...).save
+            return load_aligned_encoder(os.path.expanduser(spec))
         from bitro.pp._encoders_torch import load_vit_encoder
 
         return load_vit_encoder(os.path.expanduser(spec))

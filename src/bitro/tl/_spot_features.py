@@ -67,15 +67,23 @@ class SpotTable:
     spacing_um: float
 
 
-def _pooled(sdata: sd.SpatialData, projection: FeatureProjection, setup: SetupConfig) -> tuple:
-    """``(spot ids, pooled projected features, cells per spot)`` of the spots with cells."""
+def spot_codes(sdata: sd.SpatialData, setup: SetupConfig) -> np.ndarray:
+    """``(n_cells,)`` row of each cell's spot in the spot table (−1: outside every spot)."""
     spots = get_table(sdata, setup.spots_key)
     cells = cells_of(sdata, setup.cells_key)
     if K.SPOT_ID not in cells.obs:
         msg = f"cells.obs[{K.SPOT_ID!r}] is missing: run bt.pp.assign_cells first."
         raise KeyError(msg)
+    return np.asarray(
+        pd.Categorical(cells.obs[K.SPOT_ID].astype("object"), categories=spots.obs_names).codes, dtype=np.int64
+    )
+
+
+def _pooled(sdata: sd.SpatialData, projection: FeatureProjection, setup: SetupConfig) -> tuple:
+    """``(spot ids, pooled projected features, cells per spot)`` of the spots with cells."""
+    spots = get_table(sdata, setup.spots_key)
+    codes = spot_codes(sdata, setup)
     x = projection.transform(cell_features(sdata, setup.use_rep, setup.cells_key))
-    codes = pd.Categorical(cells.obs[K.SPOT_ID].astype("object"), categories=spots.obs_names).codes
     inside = codes >= 0
     n = np.bincount(codes[inside], minlength=spots.n_obs)
     sums = np.zeros((spots.n_obs, x.shape[1]))
