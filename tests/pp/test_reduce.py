@@ -142,3 +142,19 @@ def test_phenotypes_errors(rng):
     bt.pp.cluster_phenotypes(a, use_rep="X_bitro", n_clusters=2)
     with pytest.raises(ValueError, match="overwrite=True"):
         bt.pp.cluster_phenotypes(a, use_rep="X_bitro", n_clusters=2)
+
+
+def test_a_nearly_constant_training_feature_cannot_blow_up_a_new_slide(rng):
+    # feature 0 fires in 2 of 2,000 training cells (std ~ 1e-3); a new cell with an ordinary value
+    # there must not land thousands of standard deviations away from every training cell
+    train = rng.normal(0.0, 1.0, (2000, 16))
+    train[:, 0] = 0.0
+    train[:2, 0] = 0.05
+    proj = bt.pp.FeatureProjection.fit([train], n_components=8, seed=0)
+    assert proj.scale[0] >= 0.1 * np.median(proj.scale[1:]) * 0.99  # floored at a share of the typical scale
+    new = rng.normal(0.0, 1.0, (50, 16))
+    new[:, 0] = 3.0  # an ordinary value of an ordinary feature on this slide
+    z_train, z_new = proj.transform(train), proj.transform(new)
+    assert np.abs(z_new).max() < 10 * np.abs(z_train).max()
+    # features with ordinary variance are standardised as before
+    assert np.allclose(proj.scale[1:], train[:, 1:].std(axis=0), rtol=1e-4)

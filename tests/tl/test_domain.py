@@ -192,3 +192,29 @@ def test_a_model_on_slide_standardised_features_ignores_a_stain_like_offset():
         a, b = model.predict_log1p(test)[1], model.predict_log1p(shifted)[1]
         keep = np.isfinite(a).all(axis=1)
         assert np.allclose(a[keep], b[keep], atol=1e-4) is same
+
+
+def test_a_feature_nearly_constant_in_training_does_not_make_a_baseline_explode():
+    # one feature channel is silent in the training cells except one; a held-out spot where it fires
+    # at an ordinary level must get an ordinary prediction, not one far outside every training spot
+    train = [make_toy_slide(s) for s in range(3)]
+    for i, sdata in enumerate(train):
+        x = np.asarray(sdata["cells"].obsm["X_bitro"], dtype=np.float32).copy()
+        x[:, 0] = 0.0
+        if i == 0:
+            x[0, 0] = 0.01
+        sdata["cells"].obsm["X_bitro"] = x
+    test = make_toy_slide(7)
+    x = np.asarray(test["cells"].obsm["X_bitro"], dtype=np.float32).copy()
+    x[:, 0] = 0.0
+    inside = np.flatnonzero(test["cells"].obs["spot_id"].astype(str).to_numpy() == "s0")
+    x[inside, 0] = 1.0  # the cells of one spot fire at an ordinary feature level
+    test["cells"].obsm["X_bitro"] = x
+    genes = list(train[0]["spots"].var_names)
+    for kind in ("ridge", "depth"):
+        model = bt.tl.fit(train, model=kind, genes=genes, target="raw", seed=0)
+        fitted = np.concatenate([model.predict_log1p(s)[1] for s in train])
+        pred = model.predict_log1p(test)[1]
+        spread = np.nanmax(fitted) - np.nanmin(fitted)
+        assert np.nanmax(pred) < np.nanmax(fitted) + spread, kind
+        assert np.nanmin(pred) > np.nanmin(fitted) - spread, kind

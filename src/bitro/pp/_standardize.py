@@ -43,11 +43,11 @@ def _standardize(x: np.ndarray) -> tuple[np.ndarray, int]:
     x = np.asarray(x, dtype=np.float64)
     if len(x) == 0:
         return np.zeros(x.shape, dtype=np.float32), 0
+    from bitro.pp._projection import feature_scale
+
     constant = np.ptp(x, axis=0) == 0
     mean = x.mean(axis=0)
-    std = x.std(axis=0)
-    std[constant] = 1.0
-    z = (x - mean) / std
+    z = (x - mean) / feature_scale(x)  # near-constant columns: floored scale, no huge z-scores
     z[:, constant] = 0.0
     return z.astype(np.float32), int(constant.sum())
 

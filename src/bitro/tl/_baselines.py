@@ -63,6 +63,25 @@ def pooled_features(
     return units.obs_names, pooled, n
 
 
+def _floored_scaler() -> Any:
+    """A scikit-learn ``StandardScaler`` whose per-feature scales are floored like the projection's.
+
+    See :func:`bitro.pp._projection.feature_scale`: without the floor, a pooled feature that is almost
+    constant on the training spots turns one unusual held-out spot into an extreme prediction.
+    """
+    from sklearn.preprocessing import StandardScaler
+
+    from bitro.pp._projection import feature_scale
+
+    class FlooredScaler(StandardScaler):
+        def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> FlooredScaler:
+            super().fit(X, y, sample_weight)
+            self.scale_ = feature_scale(np.asarray(X))
+            return self
+
+    return FlooredScaler()
+
+
 class BaselineModel:
     """A spot-level baseline with the same ``predict`` interface as :class:`BiTroModel`.
 
@@ -102,7 +121,6 @@ class BaselineModel:
         from sklearn.linear_model import Ridge
         from sklearn.neural_network import MLPRegressor
         from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
 
         if kind not in BASELINES:
             msg = f"Unknown baseline {kind!r}; choose one of {BASELINES} (or model='bitro')."
@@ -137,7 +155,7 @@ class BaselineModel:
                 )
             )
             self.regressor = make_pipeline(
-                StandardScaler(), PCA(n_components=n_comp, random_state=self.seed), head
+                _floored_scaler(), PCA(n_components=n_comp, random_state=self.seed), head
             )
         if kind in ("ridge", "mlp"):
             self.regressor.fit(x, y)
