@@ -10,7 +10,7 @@ import spatialdata as sd
 from scipy import sparse
 
 import bitro as bt
-from bitro.datasets._shift import resample_image
+from bitro.datasets._rescale import resample_image
 from bitro.io._build import circles_element, image_element, set_scale, table_element
 
 

@@ -12,7 +12,7 @@ _EXPORTS = {
     "data_dir": "._kit",
     "thin_counts": "._shift",
     "restain": "._shift",
-    "rescale": "._shift",
+    "rescale": "._rescale",
     "cache_dir": "._prepared",
 }
 __all__ = sorted(_EXPORTS)
