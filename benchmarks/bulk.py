@@ -116,7 +116,7 @@ def run(quick: bool) -> dict[str, Any]:
                     "pcc_overall": float(bt.tl.pcc_overall(np.log1p(obs), np.log1p(p[None])).value),
                     "js": float(bt.tl.js_divergence(obs, p[None]).value),
                     # deviation of the held-out bulk from the training mean, predicted vs true (genes)
-                    "deviation_r": deviation_r(p, obs[0], train_tpm, own),
+                    "deviation_r": None if m is None else deviation_r(p, obs[0], train_tpm, own),
                     "epochs_run": summary.get("epochs_run"),
                     "train_units": summary.get("n_train_units"),
                     "val_units": summary.get("n_val_units"),

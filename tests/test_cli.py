@@ -531,3 +531,26 @@ def test_predict_inplace_keeps_the_integrity_record_true(toy, tmp_path, capsys):
     assert main(["predict", str(toy["model"]), str(data), "--out", str(tmp_path / "o.zarr")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "tables/spots/layers/pred" in err and "is missing" in err
+
+
+def test_every_option_of_every_command_has_help_and_states_its_default():
+    import argparse
+
+    from bitro.cli import _build_parser
+
+    parser = _build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            if not action.help:
+                missing.append(f"{name} {action.dest}: no help")
+            elif (
+                action.option_strings
+                and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in action.help
+            ):
+                missing.append(f"{name} {'/'.join(action.option_strings)}: default {action.default!r} not stated")
+    assert not missing, missing

@@ -148,12 +148,16 @@ def _add_preprocess(sub, parent) -> None:
         help=f"stain normalisation method, or 'none' (default: {K.STAIN_METHOD}, the benchmarks' method)",
     )
     p.add_argument(
-        "--segment", default="watershed", help="segmentation method, or 'none' to keep the input's cells"
+        "--segment",
+        default="watershed",
+        help="segmentation method (see bt.pp.list_segmenters), or 'none' to keep the input's cells "
+        "(default: watershed)",
     )
     p.add_argument(
         "--encoder",
         default="efficientnet_lite0",
-        help="cell encoder: efficientnet_lite0, morphology, or a local checkpoint path (see bt.pp.list_encoders)",
+        help="cell encoder: efficientnet_lite0, morphology, or a local checkpoint path (see bt.pp.list_encoders; "
+        "default: efficientnet_lite0)",
     )
     p.add_argument("--mode", choices=("tile", "crop"), default="tile", help="embedding mode (default: tile)")
     bags = p.add_mutually_exclusive_group()
@@ -164,8 +168,15 @@ def _add_preprocess(sub, parent) -> None:
         "--patches", dest="bags", action="store_const", const="patches", help="tile the tissue into patches"
     )
     p.add_argument("--patch-um", type=float, default=None, help="patch side in µm (default: spot-sized)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda", "mps"),
+        default="auto",
+        help="device of the embedding (default: auto: CUDA, then MPS, then CPU)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="random seed of the preprocessing (default: bt.settings.seed)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs and elements")
     p.add_argument(
         "--scratch-dir",
