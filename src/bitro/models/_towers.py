@@ -33,9 +33,9 @@ class ProjectionHead(nn.Module):
     dropout
         Dropout after the activation (training only).
 
-    Shapes
-    ------
-    ``(..., in_dim) → (..., out_dim)`` (not normalised; the losses normalise).
+    Notes
+    -----
+    Maps inputs of shape ``(*, in_dim)`` to ``(*, out_dim)``, not normalised (the losses normalise).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout: float = 0.0) -> None:
@@ -73,10 +73,11 @@ class CellPoolTower(nn.Module):
     hidden_dim, out_dim, dropout
         Of the :class:`ProjectionHead`.
 
-    Shapes
-    ------
-    :meth:`forward`: cells ``(n_cells, in_dim)``, ``segment`` ``(n_cells,)`` spot of each cell in
-    ``[0, n_spots)`` → ``(n_spots, out_dim)``. :meth:`cells`: ``(n_cells, in_dim) → (n_cells, out_dim)``.
+    Notes
+    -----
+    :meth:`forward` takes cells of shape ``(n_cells, in_dim)`` and ``segment`` of shape ``(n_cells,)``
+    (each cell's spot, in ``[0, n_spots)``) and returns ``(n_spots, out_dim)``; :meth:`cells` maps
+    ``(n_cells, in_dim)`` to ``(n_cells, out_dim)``.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout: float = 0.0) -> None:
