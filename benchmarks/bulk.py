@@ -52,17 +52,13 @@ def _bulk_tpm(model: Any, sdata: Any, genes: list[str]) -> np.ndarray:
 def deviation_r(pred: np.ndarray, truth: np.ndarray, train: np.ndarray, own: np.ndarray | None) -> float:
     """Correlation across genes of the predicted and true deviation of a bulk from the training mean.
 
-    log1p(TPM) throughout; the true deviation is taken from the training sections' mean profile, the
-    predicted one from the mean of the model's own predictions of the training sections (``own``;
-    a bias the model has on every section cancels), or from the training mean when ``own`` is None.
-    A prediction at its own reference has no deviation: NaN.
+    The cell benchmark's measure (:func:`benchmarks._cell_refs.bulk_deviation_correlation`, log1p CPM):
+    the predicted deviation is taken from the mean of the model's own predictions of the training
+    sections (``own``), so a bias it has on every section cancels. NaN when there is no deviation.
     """
-    ref = np.log1p(train).mean(axis=0)
-    ref_pred = ref if own is None else np.log1p(own).mean(axis=0)
-    dp, dt = np.log1p(pred) - ref_pred, np.log1p(truth) - ref
-    dp, dt = dp - dp.mean(), dt - dt.mean()
-    den = float(np.sqrt((dp**2).sum() * (dt**2).sum()))
-    return float((dp * dt).sum() / den) if den > 1e-9 else float("nan")
+    from benchmarks._cell_refs import bulk_deviation_correlation
+
+    return bulk_deviation_correlation(pred, truth, train, pred_train=own)
 
 
 def run(quick: bool) -> dict[str, Any]:
