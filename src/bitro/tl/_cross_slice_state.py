@@ -14,7 +14,7 @@ The format is ``bitro-model/cross-slice-1`` and ``config.json`` names the model 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from bitro.tl._state import (
     _read_config,
     _read_weights,
     _verify,
+    decode_fields,
+    encode_fields,
 )
 
 FORMAT = "bitro-model/cross-slice-1"
@@ -96,47 +98,12 @@ class CrossSliceState:
 
     def encode(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """``(arrays, meta)``: every array under ``<field>.<name>`` and the JSON description."""
-        arrays: dict[str, np.ndarray] = {}
-        meta: dict[str, Any] = {}
-        for f in fields(self):
-            value, codec = getattr(self, f.name), f.metadata["codec"]
-            if codec == "json":
-                meta[f.name] = value
-            elif value is None:
-                meta[f.name] = None
-            elif codec == "options":
-                meta[f.name] = value.to_dict()
-            else:
-                arrays.update({f"{f.name}.{k}": np.asarray(v) for k, v in value.arrays().items()})
-                meta[f.name] = value.meta()
-        return arrays, json.loads(json.dumps(meta, default=_json_default))
+        return encode_fields(self)
 
     @classmethod
     def decode(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> CrossSliceState:
         """Inverse of :meth:`encode`."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in meta:
-                continue
-            raw, codec = meta[f.name], f.metadata["codec"]
-            if codec == "json" or raw is None:
-                values[f.name] = raw
-            elif codec == "options":
-                values[f.name] = _TYPES[f.metadata["kind"]]().from_dict(raw)
-            else:
-                prefix = f"{f.name}."
-                part = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-                values[f.name] = _TYPES[f.metadata["kind"]]().from_arrays(part, raw)
-        return cls(**values)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.integer | np.floating | np.bool_):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    msg = f"not JSON serialisable: {type(obj).__name__}"
-    raise TypeError(msg)
+        return decode_fields(cls, arrays, meta, _TYPES)
 
 
 def _net_type() -> Any:

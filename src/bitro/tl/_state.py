@@ -107,41 +107,55 @@ class ModelState:
     # ------------------------------------------------------------------ encoding
     def encode(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """``(arrays, meta)``: every array under ``<field>.<name>`` and the JSON description."""
-        arrays: dict[str, np.ndarray] = {}
-        meta: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            codec = f.metadata["codec"]
-            if codec == "json":
-                meta[f.name] = value
-            elif codec == "options":
-                meta[f.name] = None if value is None else value.to_dict()
-            else:
-                if value is None:
-                    meta[f.name] = None
-                    continue
-                arrays.update({f"{f.name}.{k}": np.asarray(v) for k, v in value.arrays().items()})
-                meta[f.name] = value.meta()
-        return arrays, json.loads(json.dumps(meta, default=_json_default))
+        return encode_fields(self)
 
     @classmethod
     def decode(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> ModelState:
         """Inverse of :meth:`encode`."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in meta:
-                continue
-            raw = meta[f.name]
-            codec = f.metadata["codec"]
-            if codec == "json" or raw is None:
-                values[f.name] = raw
-            elif codec == "options":
-                values[f.name] = _OPTION_TYPES[f.metadata["kind"]]().from_dict(raw)
-            else:
-                prefix = f"{f.name}."
-                part = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-                values[f.name] = _ARRAY_TYPES[f.metadata["kind"]]().from_arrays(part, raw)
-        return cls(**values)
+        return decode_fields(cls, arrays, meta, {**_OPTION_TYPES, **_ARRAY_TYPES})
+
+
+def encode_fields(state: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(arrays, meta)`` of a state dataclass whose fields declare ``metadata["codec"]``.
+
+    ``"json"`` fields go to ``meta`` as they are; ``"options"`` fields as ``to_dict()``; ``"arrays"``
+    fields as ``meta()`` with their ``arrays()`` stored under ``<field>.<name>``. ``None`` stays ``None``.
+    Shared by :class:`ModelState` and the cross-slice models' state.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {}
+    for f in fields(state):
+        value, codec = getattr(state, f.name), f.metadata["codec"]
+        if codec == "json":
+            meta[f.name] = value
+        elif value is None:
+            meta[f.name] = None
+        elif codec == "options":
+            meta[f.name] = value.to_dict()
+        else:
+            arrays.update({f"{f.name}.{k}": np.asarray(v) for k, v in value.arrays().items()})
+            meta[f.name] = value.meta()
+    return arrays, json.loads(json.dumps(meta, default=_json_default))
+
+
+def decode_fields(
+    cls: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any], types: dict[str, Any]
+) -> Any:
+    """Inverse of :func:`encode_fields`; ``types[kind]()`` gives the class of a field's ``metadata["kind"]``."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in meta:
+            continue
+        raw, codec = meta[f.name], f.metadata["codec"]
+        if codec == "json" or raw is None:
+            values[f.name] = raw
+        elif codec == "options":
+            values[f.name] = types[f.metadata["kind"]]().from_dict(raw)
+        else:
+            prefix = f"{f.name}."
+            part = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            values[f.name] = types[f.metadata["kind"]]().from_arrays(part, raw)
+    return cls(**values)
 
 
 def _json_default(obj: Any) -> Any:
