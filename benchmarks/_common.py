@@ -341,6 +341,15 @@ def preprocess(
     return sdata
 
 
+def kit_genes(sections: dict[str, Any]) -> list[str]:
+    """The HER2ST 785-gene list, restricted to the genes every section's spots table measures."""
+    import bitro as bt
+
+    return [
+        g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())
+    ]
+
+
 def save_tables(sdata: Any, path: Path, extra: dict[str, Any] | None = None) -> None:
     """Store the spots and cells tables (AnnData zarr) and the scale attrs under ``path``."""
     tmp = path.with_name(path.name + ".tmp")

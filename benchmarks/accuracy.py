@@ -19,7 +19,16 @@ import time
 from typing import Any
 
 import numpy as np
-from benchmarks._common import SECTIONS, SEED, SETTINGS, cached_section, md_table, metadata, write_result
+from benchmarks._common import (
+    SECTIONS,
+    SEED,
+    SETTINGS,
+    cached_section,
+    kit_genes,
+    md_table,
+    metadata,
+    write_result,
+)
 
 from bitro._logging import logger
 
@@ -169,9 +178,7 @@ def run(quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     sections = load_sections(quick)
     names = list(sections)
-    genes = [
-        g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())
-    ]
+    genes = kit_genes(sections)
     kw = dict(QUICK_BITRO_KW if quick else BITRO_KW)
     if SETTINGS["epochs"] and not quick:
         kw["max_epochs"] = int(SETTINGS["epochs"])

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 import numpy as np
-from benchmarks._common import SECTIONS, SETTINGS, Steps, cached_section, md_table, metadata
+from benchmarks._common import SECTIONS, SETTINGS, Steps, cached_section, kit_genes, md_table, metadata
 
 from bitro._logging import logger
 
@@ -100,9 +100,7 @@ def run(quick: bool) -> dict[str, Any]:
     bt.settings.progress = False
     t0 = time.perf_counter()
     sections = load_sections(quick)
-    genes = [
-        g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())
-    ]
+    genes = kit_genes(sections)
     seeds, losses = (QUICK_SEEDS, QUICK_LOSSES) if quick else (SEEDS, LOSSES)
     rows, speed = [], []
     for test_name in sections:

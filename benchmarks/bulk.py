@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import numpy as np
-from benchmarks._common import SEED, SETTINGS, md_table, metadata
+from benchmarks._common import SEED, SETTINGS, kit_genes, md_table, metadata
 
 from bitro._logging import logger
 
@@ -73,9 +73,7 @@ def run(quick: bool) -> dict[str, Any]:
     names = list(sections)
     for s in sections.values():
         _with_pseudo_bulk(s)
-    genes = [
-        g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())
-    ]
+    genes = kit_genes(sections)
     kw = dict(QUICK_KW if quick else BULK_KW)
     if SETTINGS["epochs"] and not quick:
         kw["max_epochs"] = int(SETTINGS["epochs"])

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import numpy as np
-from benchmarks._common import RESULTS_DIR, SECTIONS, md_table, metadata, write_result
+from benchmarks._common import RESULTS_DIR, SECTIONS, kit_genes, md_table, metadata, write_result
 
 from bitro._logging import logger
 
@@ -89,9 +89,7 @@ def run(quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     sections = load_sections(quick)
     names = list(sections)
-    genes = [
-        g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())
-    ]
+    genes = kit_genes(sections)
     kw = {k: v for k, v in (QUICK_BITRO_KW if quick else BITRO_KW).items()}
     if quick:
         kw["max_epochs"] = 3

@@ -37,7 +37,7 @@ from dataclasses import fields
 from typing import Any
 
 import numpy as np
-from benchmarks._common import SECTIONS, SEED, SETTINGS, cached_section, md_table, metadata
+from benchmarks._common import SECTIONS, SEED, SETTINGS, cached_section, kit_genes, md_table, metadata
 
 from bitro._logging import logger
 
@@ -296,9 +296,7 @@ def run(quick: bool) -> dict[str, Any]:
     sections = load_sections(quick)
     names = list(sections)
     props = {n: bt.datasets.her2st_proportions(n) for n in names}
-    genes = [
-        g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())
-    ]
+    genes = kit_genes(sections)
     kw = dict(QUICK_BITRO_KW if quick else BITRO_KW)
     if SETTINGS["epochs"] and not quick:
         kw["max_epochs"] = int(SETTINGS["epochs"])

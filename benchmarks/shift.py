@@ -49,6 +49,7 @@ from benchmarks._common import (
     cache_key,
     cached_section,
     cached_tables,
+    kit_genes,
     load_section,
     md_table,
     metadata,
@@ -297,9 +298,7 @@ def run(quick: bool) -> dict[str, Any]:
     window = QUICK_WINDOW if quick else SETTINGS["window"]
     sections = {s: cached_section(s, encoders=ENCODERS, window=window) for s in SECTIONS}
     names = list(sections)
-    genes = [
-        g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())
-    ]
+    genes = kit_genes(sections)
     kw = dict(QUICK_BITRO_KW if quick else BITRO_KW)
     if SETTINGS["epochs"] and not quick:
         kw["max_epochs"] = int(SETTINGS["epochs"])

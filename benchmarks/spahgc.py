@@ -38,6 +38,7 @@ from benchmarks._common import (
     SETTINGS,
     Steps,
     cached_section,
+    kit_genes,
     md_table,
     metadata,
     write_result,
@@ -253,9 +254,7 @@ def run(quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     sections = load_sections(quick)
     names = list(sections)
-    genes = [
-        g for g in bt.datasets.her2st_genes() if all(g in s["spots"].var_names for s in sections.values())
-    ]
+    genes = kit_genes(sections)
     reused_rows, reused_speed, reused_commit = accuracy_rows(quick, len(genes))
     rows, speed = [], []
     out: dict[str, Any] = {}
