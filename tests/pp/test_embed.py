@@ -188,6 +188,37 @@ def test_module_tile_mode_is_deterministic_and_local(small_sdata):
     np.testing.assert_allclose(a * 255, np.tile([90, 50, 140], (12, 1)), atol=8)
 
 
+def test_context_windows_append_the_neighbourhood_after_the_cell(small_sdata):
+    kwargs = {"encoder": _Pool4(), "mode": "tile", "tile_size": 128, "crop_um": 2.0, "seed": 0}
+    bt.pp.embed_cells(small_sdata, key_added="cell", **kwargs)
+    bt.pp.embed_cells(small_sdata, key_added="ctx", context_um=[20.0, 40.0], **kwargs)
+    cells = small_sdata["cells"]
+    cell, ctx = cells.obsm["cell"], cells.obsm["ctx"]
+    assert ctx.shape == (12, 9)
+    assert [b["name"] for b in cells.uns["ctx"]["blocks"]] == ["cell_2um", "context_20um", "context_40um"]
+    assert cells.uns["ctx"]["params"]["context_um"] == [20.0, 40.0]
+    # the cell block still sees the purple (90, 50, 140) nucleus; the context blocks mostly the pink (235, 190, 215)
+    np.testing.assert_allclose(ctx[:, :3], cell, atol=8 / 255)
+    green_cell, green_20, green_40 = ctx[:, 1] * 255, ctx[:, 4] * 255, ctx[:, 7] * 255
+    assert np.all(green_20 > green_cell + 60) and np.all(green_20 < 200)
+    assert np.all(green_40 > green_20)  # less of the nucleus in the larger window
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "crop", "encoder": mean_rgb, "context_um": 50.0}, "needs mode='tile'"),
+        ({"mode": "tile", "encoder": "morphology", "context_um": 50.0}, "feature map"),
+        ({"mode": "tile", "encoder": _Pool4(), "crop_um": 33.0, "context_um": 20.0}, "larger than crop_um"),
+        ({"mode": "tile", "encoder": _Pool4(), "context_um": "wide"}, "list of numbers"),
+    ],
+)
+def test_bad_context_windows_are_refused(small_sdata, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bt.pp.embed_cells(small_sdata, key_added="bad", **kwargs)
+    assert "bad" not in small_sdata["cells"].obsm
+
+
 def test_window_pooling_interpolates_a_linear_map():
     from bitro.pp._embed_tasks import pool_windows as _pool_windows
 

@@ -64,6 +64,19 @@ def test_fit_refuses_slides_embedded_with_different_encoders(toy_slides):
         _fit([toy_slides[0], other])
 
 
+def test_context_windows_are_part_of_the_encoder(toy_slides):
+    a, b = (light_copy(s) for s in toy_slides[:2])
+    for s, ctx in ((a, [100.0]), (b, [200.0])):  # same width, other neighbourhood windows
+        s["cells"].uns["X_bitro"] = {**s["cells"].uns["X_bitro"], "context_um": ctx}
+    with pytest.raises(ValueError, match=r"context_um: \[100.0\] vs \[200.0\]"):
+        _fit([a, b])
+    model = _fit([a, light_copy(a)], max_epochs=1)
+    with pytest.raises(
+        ValueError, match=r"embedded with context_um \[200.0\] but the model was trained on \[100.0\]"
+    ):
+        model.predict(light_copy(b))
+
+
 def test_transfer_keeps_the_table_keys(toy_slides):
     slides = []
     for s in toy_slides[:2]:

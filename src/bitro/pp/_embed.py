@@ -26,6 +26,7 @@ is assembled from them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -59,6 +60,7 @@ def embed_cells(
     encoder: Any = "efficientnet_lite0",
     mode: Literal["tile", "crop"] = "tile",
     crop_um: float = 33.0,
+    context_um: float | Sequence[float] | None = None,
     level: int = 0,
     tile_size: int = 1024,
     batch_size: int = 64,
@@ -99,6 +101,12 @@ def embed_cells(
     crop_um
         Side of the crop window in µm. The default 33 µm is the paper's 48-px crop at its
         ~0.69 µm/px. In tile mode it sets the context margin around each tile.
+    context_um
+        Tile mode only: side(s) in µm of larger windows around each centroid over which the same
+        feature map is also averaged, appended after the ``crop_um`` features (``dim`` columns per
+        window, in the order given). A window of about a spot (e.g. ``100``) gives every cell a
+        description of its neighbourhood at no extra forward pass, also for cells outside any
+        spot. ``uns[key_added]["blocks"]`` names the column ranges. ``None``: the cell window only.
     level
         Pyramid level to read; centroids are converted to that level's pixels.
     tile_size
@@ -171,6 +179,10 @@ def embed_cells(
     if K.SPATIAL not in table.obsm:
         msg = f"Table {cells_key!r} has no obsm[{K.SPATIAL!r}] centroids. {_SEGMENT_HINT}"
         raise KeyError(msg)
+    context = _context_windows(context_um, crop_um)
+    if context and mode != "tile":
+        msg = f"context_um={context_um!r} needs mode='tile' (got mode={mode!r}); drop context_um or embed in tile mode."
+        raise ValueError(msg)
     if crop_um <= 0 or tile_size < 16 or batch_size < 1:
         msg = f"Need crop_um > 0, tile_size >= 16 and batch_size >= 1; got {crop_um}, {tile_size}, {batch_size}."
         raise ValueError(msg)
@@ -202,6 +214,9 @@ def embed_cells(
         dev = resolve_device(device)
         enc.to(dev)
     if enc.kind == "mask":
+        if context:
+            msg = f"context_um needs an encoder with a feature map; {enc.name!r} measures nucleus masks. Drop context_um."
+            raise ValueError(msg)
         used_mode = "mask"
         shapes = get_shapes(sdata, K.shapes_key(cells_key), hint=_SEGMENT_HINT)
         polygons = _polygons_for(table, shapes, downsample)
@@ -228,6 +243,8 @@ def embed_cells(
         "tile_size": int(tile_size),
         "device": str(dev) if dev is not None else "cpu",
     }
+    if context:  # absent otherwise, so scratch folders written without it stay valid
+        fingerprint["context_um"] = list(context)
     if used_mode == "crop":  # the grouping of tiles into tasks (and the forward batches)
         fingerprint["batch_size"] = int(batch_size)
     if used_mode == "mask":
@@ -258,7 +275,14 @@ def embed_cells(
         feats = runner.run(step, data, image_name=image_key)
     else:
         step = feature_map_step(
-            enc, data, xy, crop_px=crop_px, tile_size=tile_size, um_per_px=um_per_px, fingerprint=fingerprint
+            enc,
+            data,
+            xy,
+            crop_px=crop_px,
+            tile_size=tile_size,
+            um_per_px=um_per_px,
+            fingerprint=fingerprint,
+            context_px=tuple(c / um_per_px for c in context),
         )
         feats = runner.run(step, data, image_name=image_key)
 
@@ -291,10 +315,40 @@ def embed_cells(
             "mask": "per-nucleus mask statistics",
         }[used_mode],
     }
+    if context:
+        prov["context_um"] = prov["params"]["context_um"] = list(context)
+        prov["blocks"] = _blocks(feats.shape[1], crop_um, context)
     table.uns[key_added] = prov
     runner.finish()
     logger.info("embed_cells: %d cells x %d features in obsm[%r]", feats.shape[0], feats.shape[1], key_added)
     return None
+
+
+def _context_windows(context_um: float | Sequence[float] | None, crop_um: float) -> tuple[float, ...]:
+    """``context_um`` as a tuple of positive window sides larger than the crop window."""
+    if context_um is None:
+        return ()
+    values = (context_um,) if np.isscalar(context_um) else tuple(context_um)
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as err:
+        msg = f"context_um must be a number or a list of numbers (µm), got {context_um!r}."
+        raise ValueError(msg) from err
+    bad = [v for v in out if not np.isfinite(v) or v <= crop_um]
+    if bad or len(set(out)) != len(out):
+        msg = (
+            f"context_um windows must be distinct and larger than crop_um={crop_um} µm, got {list(out)}; "
+            "e.g. context_um=100 for a spot-sized neighbourhood."
+        )
+        raise ValueError(msg)
+    return out
+
+
+def _blocks(dim: int, crop_um: float, context: tuple[float, ...]) -> list[dict[str, Any]]:
+    """Names and column ranges of the cell-window and context-window features."""
+    width = dim // (1 + len(context))
+    names = [f"cell_{crop_um:g}um", *(f"context_{c:g}um" for c in context)]
+    return [{"name": n, "start": i * width, "stop": (i + 1) * width} for i, n in enumerate(names)]
 
 
 def _no_cells_message(table: Any, cells_key: str, image_key: str) -> str:

@@ -8,7 +8,8 @@ outside the image), so cells near borders see their surroundings.
   embedded ``batch_size`` crops at a time; tiles are grouped until a group holds ``batch_size``
   cells, so the forward passes are the same however the tasks run.
 - :func:`feature_map_step` (``mode="tile"``): one forward pass per tile; each cell's feature is the
-  feature map averaged over the cells covered by its crop window (:func:`pool_windows`).
+  feature map averaged over the cells covered by its crop window (:func:`pool_windows`), optionally
+  followed by the same map averaged over larger context windows around the cell.
 - :func:`morphology_step` (``encoder="morphology"``): the tile's nuclei are rasterised from their
   polygons (neighbours first) and measured.
 
@@ -152,22 +153,28 @@ def feature_map_step(
     tile_size: int,
     um_per_px: float,
     fingerprint: dict,
+    context_px: tuple[float, ...] = (),
 ) -> TiledStep:
-    """Tile mode: one task (one forward pass) per tile with cells."""
+    """Tile mode: one task (one forward pass) per tile with cells.
+
+    Each cell's feature is the map pooled over its ``crop_px`` window, followed by the map pooled
+    over each ``context_px`` window (same centre), in that order.
+    """
     factor = um_per_px / enc.mpp if enc.mpp else 1.0
-    margin = math.ceil(crop_px)
+    margin = math.ceil(max(crop_px, *(c / 2 for c in context_px))) if context_px else math.ceil(crop_px)
+    windows = tuple(w * factor for w in (crop_px, *context_px))
     tasks = []
     for idx in _groups(xy, data.shape[1:], tile_size):
         y0, x0, y1, x1 = _box_around(xy[idx], margin)
-        item = (idx, (xy[idx] - np.array([x0, y0])) * factor, factor, crop_px * factor)
+        item = (idx, (xy[idx] - np.array([x0, y0])) * factor, factor, windows)
         tasks.append(Task(str(len(tasks)), item, (y0, x0, y1, x1)))
-    merge = Scatter(len(xy), enc.dim)
+    merge = Scatter(len(xy), enc.dim * len(windows) if enc.dim else None)
     return _step(tasks, tile_features, enc, merge, f"embedding cells ({enc.name}, tiles)", fingerprint)
 
 
 def tile_features(tile: np.ndarray, item: tuple[Any, ...], enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
-    """One forward pass on a tile, pooled at its cells (runs on a dask worker when parallel)."""
-    idx, pos, factor, window = item
+    """One forward pass on a tile, pooled at its cells over each window (runs on a dask worker when parallel)."""
+    idx, pos, factor, windows = item
     if factor != 1.0:
         from skimage.transform import resize
 
@@ -177,7 +184,8 @@ def tile_features(tile: np.ndarray, item: tuple[Any, ...], enc: Encoder) -> tupl
     if fmap is None:
         msg = f"Encoder {enc.name!r} returned no feature map, so it cannot run in tile mode; use mode='crop'."
         raise ValueError(msg)
-    return idx, pool_windows(fmap, pos, stride=float(enc.stride), window=window)
+    pooled = [pool_windows(fmap, pos, stride=float(enc.stride), window=w) for w in windows]
+    return idx, pooled[0] if len(pooled) == 1 else np.concatenate(pooled, axis=1)
 
 
 def pool_windows(fmap: np.ndarray, pos_xy: np.ndarray, *, stride: float, window: float) -> np.ndarray:

@@ -46,7 +46,7 @@ def check_features(state: ModelState, sdata: sd.SpatialData) -> np.ndarray:
         )
         raise ValueError(msg)
     info = encoder_info(cells_of(sdata, setup.cells_key), setup.use_rep)
-    for key in ("encoder", "mode"):
+    for key in ("encoder", "mode", "context_um"):
         want, got = state.encoder.get(key), info.get(key)
         if want is not None and got is not None and want != got:
             msg = (
