@@ -59,12 +59,115 @@ def test_format_domain_report_names_the_flagged_statistics():
     assert "0 of 1" in calm and "looks like the training slides" in calm
 
 
+def _stain_stats(**vectors) -> dict:
+    """domain_stats-like dict of stain vectors given as ``hematoxylin=[r, g, b]``, ``eosin=[r, g, b]``."""
+    return _stats(
+        **{
+            f"stain_{s}_od_{c}": float(v)
+            for s, vec in vectors.items()
+            for c, v in zip("rgb", vec, strict=True)
+        }
+    )
+
+
+def _tilted(degrees: float) -> np.ndarray:
+    """A unit eosin-like vector tilted by ``degrees`` from ``[0.3, 0.8, 0.5]`` in a fixed plane."""
+    base = np.array([0.3, 0.8, 0.5]) / np.linalg.norm([0.3, 0.8, 0.5])
+    other = np.cross(base, [1.0, 0.0, 0.0])
+    other /= np.linalg.norm(other)
+    t = np.radians(degrees)
+    return np.cos(t) * base + np.sin(t) * other
+
+
+def test_stain_vectors_are_compared_by_angle_beyond_the_training_cone():
+    train = [_stain_stats(eosin=_tilted(d)) for d in (-2.0, 0.0, 2.0)]  # a cone of 2° around the base
+    for degrees, outside in ((7.9, False), (-7.9, False), (8.1, True), (30.0, True)):
+        df = bt.tl.domain_report(train, _stain_stats(eosin=_tilted(degrees) * 1.7))  # the norm is ignored
+        row = df.loc["stain_eosin_angle_deg"]
+        assert row["value"] == pytest.approx(abs(degrees), abs=1e-6)
+        assert (row["train_min"], row["train_max"], row["n_train"]) == (pytest.approx(0), pytest.approx(2), 3)
+        assert bool(row["outside"]) is outside and row["direction"] == ("above" if outside else "")
+        assert np.isnan(row["ratio"])
+        # the RGB components are folded into the angle row, not judged one by one
+        assert not any("_od_" in name for name in df.index)
+    assert df.attrs["stain_tolerance_deg"] == 6.0
+    narrow = bt.tl.domain_report(train, _stain_stats(eosin=_tilted(5.0)), stain_tolerance_deg=2.0)
+    assert narrow.loc["stain_eosin_angle_deg", "outside"]
+    text = bt.tl.format_domain_report(df)
+    assert "6° beyond" in text and "stain_eosin_angle_deg = 30" in text
+
+
+#: Macenko stain vectors of the HER2ST patient C sections (3000 px central windows), and of C4
+#: re-stained to the kit's TCGA tile (``bt.datasets.restain``), rounded to three decimals.
+HER2ST_C = {
+    "C2": {"hematoxylin": [0.753, 0.583, 0.306], "eosin": [0.408, 0.806, 0.429]},
+    "C3": {"hematoxylin": [0.731, 0.601, 0.325], "eosin": [0.408, 0.776, 0.481]},
+    "C4": {"hematoxylin": [0.732, 0.600, 0.324], "eosin": [0.347, 0.768, 0.538]},
+    "C5": {"hematoxylin": [0.729, 0.606, 0.319], "eosin": [0.413, 0.788, 0.456]},
+    "C6": {"hematoxylin": [0.756, 0.580, 0.304], "eosin": [0.444, 0.773, 0.453]},
+    "C4_tcga": {"hematoxylin": [0.479, 0.779, 0.404], "eosin": [0.093, 0.819, 0.567]},
+}
+
+
+def test_an_unshifted_section_of_the_same_patient_is_not_a_stain_alarm_but_a_restained_one_is():
+    train = [_stain_stats(**HER2ST_C[s]) for s in ("C2", "C3", "C5", "C6")]
+    # the false alarm of a per-component rule: C4's eosin R component lies more than 10 % of the
+    # training median below the narrow range of the four other sections
+    r = [HER2ST_C[s]["eosin"][0] for s in ("C2", "C3", "C5", "C6")]
+    assert HER2ST_C["C4"]["eosin"][0] < min(r) - 0.1 * np.median(r)
+    same = bt.tl.domain_report(train, _stain_stats(**HER2ST_C["C4"]))
+    assert not same["outside"].any(), same[same["outside"]]
+    restained = bt.tl.domain_report(train, _stain_stats(**HER2ST_C["C4_tcga"]))
+    assert set(restained.index[restained["outside"]]) == {
+        "stain_hematoxylin_angle_deg",
+        "stain_eosin_angle_deg",
+    }
+    assert (restained.loc[["stain_hematoxylin_angle_deg", "stain_eosin_angle_deg"], "value"] > 15).all()
+
+
+def test_a_noisy_copy_of_a_slide_is_not_flagged_for_stain_and_a_restained_one_is():
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel
+
+    raw = bt.datasets.synthetic_tissue(1, size=600, technology="visium", seed=3)  # one slide, not a list
+    image = np.asarray(raw["he"].values)
+    noise = np.random.default_rng(0).integers(-3, 4, size=image.shape)
+    noisy = sd.SpatialData(
+        images={
+            "he": Image2DModel.parse(np.clip(image + noise, 0, 255).astype(np.uint8), dims=("c", "y", "x"))
+        }
+    )
+    noisy.attrs.update(dict(raw.attrs))
+    matrix = np.array([[0.45, 0.75, 0.49], [0.30, 0.80, 0.52]])
+    other_lab = bt.datasets.restain(
+        raw,
+        reference=bt.pp.StainReference(
+            "macenko",
+            stain_matrix=matrix / np.linalg.norm(matrix, axis=1, keepdims=True),
+            max_concentrations=[1.2, 0.6],
+        ),
+    )
+
+    stats = []
+    for s in (raw, noisy, other_lab):
+        bt.pp.normalize_stains(s, method="macenko", seed=0)
+        stats.append(bt.tl.domain_stats(s))
+
+    def stain_flags(slide_stats):
+        df = bt.tl.domain_report([stats[0]], slide_stats)  # one training slide: the narrowest range
+        return {n for n in df.index[df["outside"]] if n.startswith("stain_")}
+
+    assert stain_flags(stats[1]) == set()
+    assert stain_flags(stats[2]) >= {"stain_hematoxylin_angle_deg", "stain_eosin_angle_deg"}
+
+
 @pytest.mark.parametrize(
     ("train", "slide", "kwargs", "match"),
     [
         ([], _stats(a=1.0), {}, "at least one training slide"),
         ([{"a": 1.0}], _stats(a=1.0), {}, "not a domain_stats dict"),
         ([_stats(a=1.0)], _stats(a=1.0), {"tolerance": -0.1}, "non-negative"),
+        ([_stats(a=1.0)], _stats(a=1.0), {"stain_tolerance_deg": 200.0}, "from 0 to 180"),
         ([{"format_version": 99, "stats": {}}], _stats(a=1.0), {}, "upgrade bitro"),
     ],
 )
@@ -153,7 +256,7 @@ def test_a_restained_slide_flags_the_stain_not_depth_or_density(synthetic):
     )
     other_lab = _preprocess(bt.datasets.restain(raw[3], reference=reference))
     flags = _flags(slides[:3], other_lab)
-    assert any(f.startswith("stain_") for f in flags)
+    assert {"stain_hematoxylin_angle_deg", "stain_eosin_angle_deg"} & flags
     assert not flags & {"median_umi_per_spot", "median_nuclei_per_spot"}
 
 

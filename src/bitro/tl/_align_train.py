@@ -10,14 +10,13 @@ epochs without improvement.
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bitro._logging import logger
-from bitro._settings import progress, resolve_device
+from bitro._settings import resolve_device
+from bitro.tl._epochs import EarlyStopping, run_epochs
 
 if TYPE_CHECKING:
     from bitro.tl._align_data import SpotPairs
@@ -72,13 +71,11 @@ def train_alignment(
     net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "val_loss": [], "temperature": []}
-    best, best_state, best_epoch, waited = np.inf, None, 0, 0
     batch = min(config.batch_size, len(train))
     has_val = val is not None and len(val) >= 2
     t0 = time.perf_counter()
-    bar = progress(range(config.max_epochs), desc="aligning", unit="epoch")
-    for epoch in bar:
-        net.train()
+
+    def train_epoch() -> dict[str, float]:
         order = rng.permutation(len(train))
         losses = []
         for start in range(0, len(order), batch):
@@ -91,29 +88,27 @@ def train_alignment(
             torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
             opt.step()
             losses.append(float(loss.detach()))
-        val_loss = validation_loss(net, val, batch, device) if has_val else np.nan
-        history["epoch"].append(epoch + 1)
-        history["train_loss"].append(float(np.mean(losses)))
-        history["val_loss"].append(float(val_loss))
-        history["temperature"].append(float(1.0 / net.loss.logit_scale.detach().exp()))
-        bar.set_postfix(train=f"{history['train_loss'][-1]:.3f}", val=f"{val_loss:.3f}")
-        score = val_loss if has_val else -epoch  # no validation: keep the last epoch
-        if score < best:
-            best, best_epoch, waited = score, epoch + 1, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
-        else:
-            waited += 1
-            if has_val and waited >= config.patience:
-                logger.info("align: early stop at epoch %d (best %d)", epoch + 1, best_epoch)
-                break
-    net.cpu()
-    if best_state is not None:
-        net.load_state_dict(best_state)
+        return {
+            "train_loss": float(np.mean(losses)),
+            "temperature": float(1.0 / net.loss.logit_scale.detach().exp()),
+        }
+
+    stopper = EarlyStopping(config.patience, min_delta=0.0)
+    run_epochs(
+        net,
+        train_epoch,
+        validate=(lambda: validation_loss(net, val, batch, device)) if has_val else None,
+        stopper=stopper,
+        history=history,
+        max_epochs=config.max_epochs,
+        desc="aligning",
+        without_validation="last_epoch",
+    )
     net.eval()
     summary = {
         **config.to_dict(),
-        "best_epoch": best_epoch,
-        "best_val_loss": float(best) if has_val else None,
+        "best_epoch": stopper.best_epoch,
+        "best_val_loss": float(stopper.best) if has_val else None,
         "epochs_run": len(history["epoch"]),
         "n_train_spots": len(train),
         "n_val_spots": 0 if val is None else len(val),

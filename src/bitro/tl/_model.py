@@ -328,14 +328,21 @@ class BiTroModel:
             overwrite=overwrite,
         )
 
-    def domain_report(self, sdata: sd.SpatialData, *, tolerance: float | None = None) -> Any:
+    def domain_report(
+        self,
+        sdata: sd.SpatialData,
+        *,
+        tolerance: float | None = None,
+        stain_tolerance_deg: float | None = None,
+    ) -> Any:
         """How far ``sdata`` sits from the training slides (depth, nuclei per spot, nucleus size, stain, embedding).
 
         Returns the :func:`bitro.tl.domain_report` table: one row per statistic with the training range,
         the slide's value and whether it lies outside (then the model extrapolates). :meth:`predict`
-        logs its summary and records the statistics outside the range in the provenance.
+        logs its summary and records the statistics outside the range in the provenance. ``tolerance``
+        and ``stain_tolerance_deg`` (``None``: the defaults) are those of :func:`bitro.tl.domain_report`.
         """
-        from bitro.tl._domain import TOLERANCE, domain_report
+        from bitro.tl._domain import STAIN_ANGLE_TOLERANCE_DEG, TOLERANCE, domain_report
         from bitro.tl._setup import slide_domain
 
         if not self.state.domain:
@@ -343,7 +350,12 @@ class BiTroModel:
             raise ValueError(msg)
         stats = slide_domain(sdata, self.setup, self.projection)
         return domain_report(
-            self.state.domain, stats, tolerance=TOLERANCE if tolerance is None else tolerance
+            self.state.domain,
+            stats,
+            tolerance=TOLERANCE if tolerance is None else tolerance,
+            stain_tolerance_deg=STAIN_ANGLE_TOLERANCE_DEG
+            if stain_tolerance_deg is None
+            else stain_tolerance_deg,
         )
 
     def _check_domain(self, sdata: sd.SpatialData) -> list[str]:

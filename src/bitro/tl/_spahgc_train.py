@@ -15,15 +15,14 @@ moves towards the online one. The weights of the best validation epoch are kept.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from bitro._logging import logger
-from bitro._settings import progress, resolve_device
+from bitro._settings import resolve_device
 from bitro.tl._configs import TrainConfig
+from bitro.tl._epochs import EarlyStopping, run_epochs
 from bitro.tl._hetero import SlideGraph
 
 
@@ -118,10 +117,8 @@ def train_spahgc(
         msg = f"Only {n_train} training spot(s) after the validation split; train on slides with more spots."
         raise ValueError(msg)
     history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "val_loss": [], "contrastive_loss": []}
-    best, best_state, bad = np.inf, None, 0
-    bar = progress(range(config.max_epochs), desc="training (spahgc)", unit="epoch")
-    for epoch in bar:
-        net.train()
+
+    def train_epoch() -> dict[str, float]:
         steps = [
             (s, perm[i : i + config.batch_size])
             for s, slide in enumerate(slides)
@@ -147,28 +144,26 @@ def train_spahgc(
             opt.step()
             if contrast is not None:
                 contrast.update(net.encoder)
-        train_loss = float(np.mean(losses))
-        val_loss = _validation_loss(net, slides, ys, config.batch_size, dev, pcc_w) if n_val else np.nan
-        history["epoch"].append(epoch + 1)
-        history["train_loss"].append(train_loss)
-        history["val_loss"].append(val_loss)
-        history["contrastive_loss"].append(float(np.mean(contrast_losses)) if contrast_losses else np.nan)
-        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-        monitored = val_loss if n_val else train_loss
-        if monitored < best - 1e-6:
-            best, bad = monitored, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
-        else:
-            bad += 1
-        if n_val and bad >= config.patience:
-            logger.info("Early stopping after epoch %d (best validation loss %.4f).", epoch + 1, best)
-            break
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    net.cpu()
+        return {
+            "train_loss": float(np.mean(losses)),
+            "contrastive_loss": float(np.mean(contrast_losses)) if contrast_losses else np.nan,
+        }
+
+    stopper = EarlyStopping(config.patience)
+    run_epochs(
+        net,
+        train_epoch,
+        validate=(lambda: _validation_loss(net, slides, ys, config.batch_size, dev, pcc_w))
+        if n_val
+        else None,
+        stopper=stopper,
+        history=history,
+        max_epochs=config.max_epochs,
+        desc="training (spahgc)",
+    )
     summary = {
         **config.to_dict(),
-        "best_loss": float(best),
+        "best_loss": float(stopper.best),
         "epochs_run": len(history["epoch"]),
         "n_train_units": n_train,
         "n_val_units": n_val,

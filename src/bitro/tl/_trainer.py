@@ -10,7 +10,6 @@ uninterrupted run with the same seed.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +17,9 @@ import numpy as np
 
 from bitro._hashing import arrays_sha256, state_sha256
 from bitro._logging import logger
-from bitro._settings import progress, resolve_device
+from bitro._settings import resolve_device
 from bitro.tl._configs import TrainConfig
+from bitro.tl._epochs import EarlyStopping, run_epochs
 from bitro.tl._levels import Level, TrainingSet
 
 
@@ -88,19 +88,13 @@ class Trainer:
             msg = "The network has no trainable parameters (all frozen)."
             raise RuntimeError(msg)
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        best, best_state, bad_epochs, first = np.inf, None, 0, 0
-        offset = len(history["epoch"])
+        stopper, first = EarlyStopping(cfg.patience), 0
         if cfg.checkpoint_dir is not None:
             resumed = self._resume(net, opt, rng, run_id)
             if resumed is not None:
-                best, best_state, bad_epochs, first, history = resumed
-                offset = len(history["epoch"]) - first
-        stopped = bool(first and bad_epochs >= cfg.patience and len(val_idx))
-        bar = progress(
-            range(first, first if stopped else cfg.max_epochs), desc=f"training ({level.name})", unit="epoch"
-        )
-        for epoch in bar:
-            net.train()
+                stopper, first, history = resumed
+
+        def train_epoch() -> dict[str, float]:
             losses = []
             for step in level.steps(data, train_idx, cfg.batch_size, rng):
                 opt.zero_grad(set_to_none=True)
@@ -109,29 +103,25 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 losses.append(float(loss.detach()))
-            train_loss = float(np.mean(losses))
-            val_loss = self._validation_loss(net, val_idx, dev) if len(val_idx) else np.nan
-            history["epoch"].append(offset + epoch + 1)
-            history["train_loss"].append(train_loss)
-            history["val_loss"].append(val_loss)
-            bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-            monitored = val_loss if len(val_idx) else train_loss
-            if monitored < best - 1e-6:
-                best, bad_epochs = monitored, 0
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
-            else:
-                bad_epochs += 1
-            if cfg.checkpoint_dir is not None:
-                self._checkpoint(net, best_state, opt, rng, run_id, epoch + 1, best, bad_epochs, history)
-            if len(val_idx) and bad_epochs >= cfg.patience:
-                logger.info("Early stopping after epoch %d (best validation loss %.4f).", epoch + 1, best)
-                break
-        if best_state is not None:
-            net.load_state_dict(best_state)
-        net.cpu()
+            return {"train_loss": float(np.mean(losses))}
+
+        def checkpoint(epochs_done: int) -> None:
+            self._checkpoint(net, stopper, opt, rng, run_id, epochs_done, history)
+
+        run_epochs(
+            net,
+            train_epoch,
+            validate=(lambda: self._validation_loss(net, val_idx, dev)) if len(val_idx) else None,
+            stopper=stopper,
+            history=history,
+            max_epochs=cfg.max_epochs,
+            desc=f"training ({level.name})",
+            first_epoch=first,
+            after_epoch=checkpoint if cfg.checkpoint_dir is not None else None,
+        )
         summary = {
             **cfg.to_dict(),
-            "best_loss": float(best),
+            "best_loss": float(stopper.best),
             "epochs_run": len(history["epoch"]),
             "n_train_units": len(train_idx),
             "n_val_units": len(val_idx),
@@ -153,20 +143,21 @@ class Trainer:
         return total / max(n, 1)
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint(self, net, best_state, opt, rng, run_id, epochs_done, best, bad_epochs, history) -> None:
+    def _checkpoint(self, net, stopper, opt, rng, run_id, epochs_done, history) -> None:
         from bitro.tl._checkpoint import save_training_state
 
         save_training_state(
             self.config.checkpoint_dir,
             net_state=net.state_dict(),
-            best_state=best_state,
+            best_state=stopper.best_state,
             optimizer=opt,
             rng=rng,
             meta={
                 "run_id": run_id,
                 "epochs_done": epochs_done,
-                "best": float(best),
-                "bad_epochs": bad_epochs,
+                "best": float(stopper.best),
+                "bad_epochs": stopper.bad_epochs,
+                "best_epoch": stopper.best_epoch,
                 "history": history,
             },
         )
@@ -195,4 +186,11 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         history = {k: list(v) for k, v in meta["history"].items()}
         logger.info("Resuming training from epoch %d (%s).", meta["epochs_done"], self.config.checkpoint_dir)
-        return meta["best"], best_state, meta["bad_epochs"], meta["epochs_done"], history
+        stopper = EarlyStopping(
+            self.config.patience,
+            best=meta["best"],
+            best_state=best_state,
+            bad_epochs=meta["bad_epochs"],
+            best_epoch=meta.get("best_epoch", 0),
+        )
+        return stopper, meta["epochs_done"], history
