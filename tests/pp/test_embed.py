@@ -204,10 +204,28 @@ def test_context_windows_append_the_neighbourhood_after_the_cell(small_sdata):
     assert np.all(green_40 > green_20)  # less of the nucleus in the larger window
 
 
+def test_crop_mode_appends_context_from_a_tile_pass(small_sdata, tmp_path):
+    tile = {"encoder": _Pool4(), "tile_size": 128, "context_um": [20.0], "seed": 0}
+    bt.pp.embed_cells(small_sdata, key_added="tile", mode="tile", crop_um=2.0, **tile)
+    scratch = tmp_path / "scratch"
+    bt.pp.embed_cells(small_sdata, key_added="crop", mode="crop", crop_um=4.0, scratch_dir=scratch, **tile)
+    cells = small_sdata["cells"]
+    crop, ctx = cells.obsm["crop"], cells.obsm["tile"]
+    assert crop.shape == (12, 6) and [b["name"] for b in cells.uns["crop"]["blocks"]] == [
+        "cell_4um",
+        "context_20um",
+    ]
+    np.testing.assert_allclose(
+        crop[:, :3] * 255, np.tile([90, 50, 140], (12, 1)), atol=8
+    )  # the crop: the nucleus
+    np.testing.assert_allclose(crop[:, 3:], ctx[:, 3:], atol=2 / 255)  # the same neighbourhood as tile mode
+    assert not scratch.exists()  # both steps' scratch files (and the context subfolder) cleaned up
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"mode": "crop", "encoder": mean_rgb, "context_um": 50.0}, "needs mode='tile'"),
+        ({"mode": "crop", "encoder": mean_rgb, "context_um": 50.0}, "feature map"),
         ({"mode": "tile", "encoder": "morphology", "context_um": 50.0}, "feature map"),
         ({"mode": "tile", "encoder": _Pool4(), "crop_um": 33.0, "context_um": 20.0}, "larger than crop_um"),
         ({"mode": "tile", "encoder": _Pool4(), "context_um": "wide"}, "list of numbers"),

@@ -102,11 +102,13 @@ def embed_cells(
         Side of the crop window in µm. The default 33 µm is the paper's 48-px crop at its
         ~0.69 µm/px. In tile mode it sets the context margin around each tile.
     context_um
-        Tile mode only: side(s) in µm of larger windows around each centroid over which the same
-        feature map is also averaged, appended after the ``crop_um`` features (``dim`` columns per
-        window, in the order given). A window of about a spot (e.g. ``100``) gives every cell a
-        description of its neighbourhood at no extra forward pass, also for cells outside any
-        spot. ``uns[key_added]["blocks"]`` names the column ranges. ``None``: the cell window only.
+        Side(s) in µm of larger windows around each centroid over which the tile feature map is
+        averaged, appended after the cell's own features (``dim`` columns per window, in the order
+        given): every cell is described together with its neighbourhood (the tissue around it,
+        nuclei or not), also cells outside any spot. Tile mode: the same forward pass serves both
+        (tiles are read with a margin of half the largest window). Crop mode: one extra tile pass
+        (its scratch files go to ``scratch_dir/context``). ``uns[key_added]["blocks"]`` names the
+        column ranges. ``None``: the cell's own window only.
     level
         Pyramid level to read; centroids are converted to that level's pixels.
     tile_size
@@ -180,9 +182,6 @@ def embed_cells(
         msg = f"Table {cells_key!r} has no obsm[{K.SPATIAL!r}] centroids. {_SEGMENT_HINT}"
         raise KeyError(msg)
     context = _context_windows(context_um, crop_um)
-    if context and mode != "tile":
-        msg = f"context_um={context_um!r} needs mode='tile' (got mode={mode!r}); drop context_um or embed in tile mode."
-        raise ValueError(msg)
     if crop_um <= 0 or tile_size < 16 or batch_size < 1:
         msg = f"Need crop_um > 0, tile_size >= 16 and batch_size >= 1; got {crop_um}, {tile_size}, {batch_size}."
         raise ValueError(msg)
@@ -222,6 +221,12 @@ def embed_cells(
         polygons = _polygons_for(table, shapes, downsample)
     elif mode == "crop":
         used_mode = "crop"
+        if context and not enc.supports_tiles:
+            msg = (
+                f"context_um needs an encoder with a feature map (context windows come from a tile pass); "
+                f"{enc.name!r} has none. Drop context_um."
+            )
+            raise ValueError(msg)
     else:
         if not enc.supports_tiles:
             msg = f"Encoder {enc.name!r} has no feature map, so it cannot run in tile mode; use mode='crop'."
@@ -273,16 +278,33 @@ def embed_cells(
             fingerprint=fingerprint,
         )
         feats = runner.run(step, data, image_name=image_key)
+        if context:  # the neighbourhood windows come from one tile pass, appended after the crops
+            context_px = tuple(c / um_per_px for c in context)
+            ctx_step = feature_map_step(
+                enc,
+                data,
+                xy,
+                windows_px=context_px,
+                margin_px=max(context_px) / 2,
+                tile_size=tile_size,
+                um_per_px=um_per_px,
+                fingerprint=fingerprint,
+                name="embed_cells_context",
+            )
+            ctx_runner = runner.sibling(None if scratch_dir is None else Path(scratch_dir) / "context")
+            feats = np.concatenate([feats, ctx_runner.run(ctx_step, data, image_name=image_key)], axis=1)
+            runner.absorb(ctx_runner)
     else:
+        context_px = tuple(c / um_per_px for c in context)
         step = feature_map_step(
             enc,
             data,
             xy,
-            crop_px=crop_px,
+            windows_px=(crop_px, *context_px),
+            margin_px=max((crop_px, *(c / 2 for c in context_px))),
             tile_size=tile_size,
             um_per_px=um_per_px,
             fingerprint=fingerprint,
-            context_px=tuple(c / um_per_px for c in context),
         )
         feats = runner.run(step, data, image_name=image_key)
 

@@ -77,10 +77,16 @@ def _groups(xy: np.ndarray, shape_yx: Any, tile_size: int) -> list[np.ndarray]:
 
 
 def _step(
-    tasks: list[Task], process: Any, enc: Encoder, merge: Scatter, desc: str, fingerprint: dict
+    tasks: list[Task],
+    process: Any,
+    enc: Encoder,
+    merge: Scatter,
+    desc: str,
+    fingerprint: dict,
+    name: str = "embed_cells",
 ) -> TiledStep:
     return TiledStep(
-        name="embed_cells",
+        name=name,
         tasks=tasks,
         process=process,
         merge=merge,
@@ -149,27 +155,29 @@ def feature_map_step(
     data: Any,
     xy: np.ndarray,
     *,
-    crop_px: float,
+    windows_px: tuple[float, ...],
+    margin_px: float,
     tile_size: int,
     um_per_px: float,
     fingerprint: dict,
-    context_px: tuple[float, ...] = (),
+    name: str = "embed_cells",
 ) -> TiledStep:
     """Tile mode: one task (one forward pass) per tile with cells.
 
-    Each cell's feature is the map pooled over its ``crop_px`` window, followed by the map pooled
-    over each ``context_px`` window (same centre), in that order.
+    Each cell's feature is the map pooled over each window of ``windows_px`` (sides in pixels of
+    the level read, same centre), concatenated in that order. Tiles are read with ``margin_px`` of
+    context around their cells.
     """
     factor = um_per_px / enc.mpp if enc.mpp else 1.0
-    margin = math.ceil(max(crop_px, *(c / 2 for c in context_px))) if context_px else math.ceil(crop_px)
-    windows = tuple(w * factor for w in (crop_px, *context_px))
+    margin = math.ceil(margin_px)
+    windows = tuple(w * factor for w in windows_px)
     tasks = []
     for idx in _groups(xy, data.shape[1:], tile_size):
         y0, x0, y1, x1 = _box_around(xy[idx], margin)
         item = (idx, (xy[idx] - np.array([x0, y0])) * factor, factor, windows)
         tasks.append(Task(str(len(tasks)), item, (y0, x0, y1, x1)))
     merge = Scatter(len(xy), enc.dim * len(windows) if enc.dim else None)
-    return _step(tasks, tile_features, enc, merge, f"embedding cells ({enc.name}, tiles)", fingerprint)
+    return _step(tasks, tile_features, enc, merge, f"embedding cells ({enc.name}, tiles)", fingerprint, name)
 
 
 def tile_features(tile: np.ndarray, item: tuple[Any, ...], enc: Encoder) -> tuple[np.ndarray, np.ndarray]:

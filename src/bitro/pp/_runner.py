@@ -195,6 +195,22 @@ class TileRunner:
                 step.merge.add(i, store.read(task.key))
         return step.merge.result()
 
+    def sibling(self, scratch_dir: str | Path | None) -> TileRunner:
+        """A runner with the same execution settings and its own ``scratch_dir`` (for a second step)."""
+        return TileRunner(
+            client=self.client,
+            scheduler=self.scheduler,
+            on_error=self.on_error,
+            scratch_dir=scratch_dir,
+            keep_scratch=self.keep_scratch,
+        )
+
+    def absorb(self, other: TileRunner) -> None:
+        """Take over ``other``'s skipped boxes and scratch files (reported and cleaned by this runner)."""
+        self.skipped.extend(other.skipped)
+        self._written.extend(other._written)
+        other.skipped, other._written = [], []
+
     def provenance(self) -> dict[str, Any]:
         """``{"execution": where the tasks ran, "skipped_tiles": read boxes skipped with on_error="skip"}``."""
         return {"execution": self.execution, "skipped_tiles": list(self.skipped)}
@@ -203,6 +219,6 @@ class TileRunner:
         """Delete the scratch files of the steps run (unless ``keep_scratch``); call once the output is written."""
         if self.keep_scratch:
             return
-        for store, keys in self._written:
+        for store, keys in reversed(self._written):  # a sibling's subfolder before its parent
             store.remove(keys)
         self._written = []
