@@ -132,9 +132,10 @@ def _fit(run: dict[str, Any], train: list, genes: list[str], kw: dict[str, Any])
     import bitro as bt
 
     use_rep = run.get("use_rep", "X_bitro")
+    seed = run.get("seed", SEED)
     if run["model"] != "bitro":
         return bt.tl.fit(
-            train, genes=genes, model=run["model"], target=run["target"], use_rep=use_rep, seed=SEED
+            train, genes=genes, model=run["model"], target=run["target"], use_rep=use_rep, seed=seed
         )
     fit_kw = {
         **kw,
@@ -150,7 +151,7 @@ def _fit(run: dict[str, Any], train: list, genes: list[str], kw: dict[str, Any])
             genes=genes,
             target=run["target"],
             use_rep=use_rep,
-            seed=SEED,
+            seed=seed,
             device="cpu",
             **{k: v for k, v in fit_kw.items() if k != "cluster_weight"}
             | {"max_epochs": min(fit_kw["max_epochs"], TRANSFER_BULK_EPOCHS)},
@@ -162,11 +163,11 @@ def _fit(run: dict[str, Any], train: list, genes: list[str], kw: dict[str, Any])
             method="lora",
             max_epochs=kw["max_epochs"],
             lr=kw["lr"],
-            seed=SEED,
+            seed=seed,
             device="cpu",
         )
     return bt.tl.fit(
-        train, genes=genes, target=run["target"], use_rep=use_rep, seed=SEED, device="cpu", **fit_kw
+        train, genes=genes, target=run["target"], use_rep=use_rep, seed=seed, device="cpu", **fit_kw
     )
 
 

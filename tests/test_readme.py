@@ -102,8 +102,8 @@ def test_readme_python_runs_top_to_bottom(tmp_path):
     assert res.stdout.count("ran") == len(blocks)
     [line] = [ln for ln in res.stdout.splitlines() if ln.startswith("CHECK ")]
     out = json.loads(line.removeprefix("CHECK "))
-    # block 1: a window of C2 segmented and embedded (EfficientNet-Lite0), cells in its spots
-    assert out["block1_cells"] > 500 and out["block1_features"] == 1280 and out["block1_cells_in_spots"] > 50
+    # block 1: a window of C2 segmented and embedded (EfficientNet-Lite0: nucleus + neighbourhood), cells in its spots
+    assert out["block1_cells"] > 500 and out["block1_features"] == 2 * 1280 and out["block1_cells_in_spots"] > 50
     # block 2: four prepared training sections and a fifth held out, windows of the CI size
     assert out["train_sections"] == ["C2", "C3", "C4", "C5"] and out["test_section"] == "C6"
     assert out["crop_um"] == float(CROP_UM)

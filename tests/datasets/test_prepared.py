@@ -12,6 +12,7 @@ import pytest
 
 import bitro as bt
 from bitro.datasets import _prepared
+from bitro.pp._embed import DEFAULT_CONTEXT_UM
 
 CROP_UM = 400.0  # a ~580 px window: a few hundred nuclei, seconds per build
 FAST = _prepared.Preparation(encoders=("morphology",))  # the cache logic does not need the CNN
@@ -68,7 +69,9 @@ def test_prepared_section_is_built_once_then_read(tmp_path, data_dir, builds):
         assert {"he", "he_normalized"} <= set(sdata.images)
         assert {"cells_shapes", "spots_shapes"} <= set(sdata.shapes) and "tissue" in sdata.labels
         cells, spots = sdata["cells"], sdata["spots"]
-        assert cells.obsm["X_bitro"].shape == (built["cells"].n_obs, 1280)  # EfficientNet-Lite0 features
+        # EfficientNet-Lite0 features of the nucleus window, then of the neighbourhood window
+        assert cells.obsm["X_bitro"].shape == (built["cells"].n_obs, 1280 * (1 + len(DEFAULT_CONTEXT_UM)))
+        assert cells.uns["X_bitro"]["context_um"] == list(DEFAULT_CONTEXT_UM)
         np.testing.assert_allclose(cells.obsm["X_bitro"], built["cells"].obsm["X_bitro"])
         assert cells.obs["spot_id"].astype(str).tolist() == built["cells"].obs["spot_id"].astype(str).tolist()
         assert spots.obs["n_cells"].tolist() == built["spots"].obs["n_cells"].tolist()

@@ -102,7 +102,7 @@ def test_efficientnet_tile_embedding_on_real_section(data_dir):
     bt.pp.segment_cells(sdata, tissue_key=None)
     bt.pp.embed_cells(sdata, encoder="efficientnet_lite0", mode="tile")
     x = sdata["cells"].obsm["X_bitro"]
-    assert x.shape[1] == 1280 and np.isfinite(x).all()
+    assert x.shape[1] == 1280 * 2 and np.isfinite(x).all()  # nucleus window + 200 µm neighbourhood
     assert x.std(axis=0).mean() > 0.01  # not constant: real image content reached the encoder
 
 

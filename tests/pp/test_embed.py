@@ -179,7 +179,14 @@ class _Pool4(torch.nn.Module):
 
 
 def test_module_tile_mode_is_deterministic_and_local(small_sdata):
-    kwargs = {"encoder": _Pool4(), "mode": "tile", "tile_size": 128, "crop_um": 2.0, "seed": 0}
+    kwargs = {
+        "encoder": _Pool4(),
+        "mode": "tile",
+        "tile_size": 128,
+        "crop_um": 2.0,
+        "seed": 0,
+        "context_um": None,
+    }
     bt.pp.embed_cells(small_sdata, key_added="a", **kwargs)
     bt.pp.embed_cells(small_sdata, key_added="b", **kwargs)
     a, b = small_sdata["cells"].obsm["a"], small_sdata["cells"].obsm["b"]
@@ -190,7 +197,7 @@ def test_module_tile_mode_is_deterministic_and_local(small_sdata):
 
 def test_context_windows_append_the_neighbourhood_after_the_cell(small_sdata):
     kwargs = {"encoder": _Pool4(), "mode": "tile", "tile_size": 128, "crop_um": 2.0, "seed": 0}
-    bt.pp.embed_cells(small_sdata, key_added="cell", **kwargs)
+    bt.pp.embed_cells(small_sdata, key_added="cell", context_um=None, **kwargs)
     bt.pp.embed_cells(small_sdata, key_added="ctx", context_um=[20.0, 40.0], **kwargs)
     cells = small_sdata["cells"]
     cell, ctx = cells.obsm["cell"], cells.obsm["ctx"]
@@ -289,9 +296,10 @@ def effnet_runs():
     radii = rng.uniform(12, 40, n)
     colours = [tuple(rng.integers(30, 200, 3)) for _ in range(n)]
     sdata = make_cells_sdata(draw_discs((512, 512), xy, radii, colours), xy, radii, mpp=mpp)
-    for mode in ("crop", "tile"):
-        bt.pp.embed_cells(sdata, mode=mode, key_added=mode, batch_size=32, device="cpu")
-    bt.pp.embed_cells(sdata, mode="tile", key_added="tile_again", device="cpu")
+    for mode in ("crop", "tile"):  # the nucleus windows alone
+        bt.pp.embed_cells(sdata, mode=mode, key_added=mode, batch_size=32, device="cpu", context_um=None)
+    bt.pp.embed_cells(sdata, mode="tile", key_added="tile_again", device="cpu", context_um=None)
+    bt.pp.embed_cells(sdata, key_added="default", device="cpu")  # tile mode with the neighbourhood
     return sdata["cells"]
 
 
@@ -303,6 +311,17 @@ def test_efficientnet_shapes_and_provenance(effnet_runs):
         assert prov["encoder"] == "efficientnet_lite0" and prov["params"]["mode"] == key
         assert len(prov["checkpoint_sha256"]) == 64
     np.testing.assert_array_equal(effnet_runs.obsm["tile"], effnet_runs.obsm["tile_again"])
+    from bitro.pp._embed import DEFAULT_CONTEXT_UM
+
+    default = effnet_runs.obsm["default"]
+    assert default.shape == (20, 1280 * (1 + len(DEFAULT_CONTEXT_UM)))
+    assert effnet_runs.uns["default"]["context_um"] == list(DEFAULT_CONTEXT_UM)
+    assert [b["stop"] for b in effnet_runs.uns["default"]["blocks"]][-1] == default.shape[1]
+    # the nucleus block is the tile block read with a wider margin: the same features up to border effects
+    cos = np.sum(default[:, :1280] * effnet_runs.obsm["tile"], 1) / (
+        np.linalg.norm(default[:, :1280], axis=1) * np.linalg.norm(effnet_runs.obsm["tile"], axis=1)
+    )
+    assert cos.min() > 0.9
 
 
 def test_efficientnet_tile_and_crop_features_agree(effnet_runs):

@@ -278,7 +278,10 @@ def test_skipped_first_tile_same_with_and_without_scratch(segmented, tmp_path, m
     scratched = _copy(segmented)
     bt.pp.embed_cells(scratched, scratch_dir=tmp_path / "embed", on_error="skip", **_kwargs("tile"))
     a, b = plain.tables["cells"].obsm["X_bitro"], scratched.tables["cells"].obsm["X_bitro"]
-    assert a.dtype == np.float32 and a.shape == (plain.tables["cells"].n_obs, 3)
+    assert a.dtype == np.float32 and a.shape == (
+        plain.tables["cells"].n_obs,
+        6,
+    )  # RGB of nucleus + neighbourhood
     np.testing.assert_array_equal(a, b)
     zero = (a == 0).all(axis=1)
     assert 0 < zero.sum() < len(a)  # the first tile's cells only

@@ -49,7 +49,7 @@ CACHE_ENV_VAR = "BITRO_CACHE_DIR"
 CROP_ENV_VAR = "BITRO_PREPARED_CROP_UM"
 #: Version of what the preparation writes. Bump it whenever a change in ``bt.pp`` changes the
 #: output of any step (segmentation, embedding, assignment, ...): every cached store is then rebuilt.
-PREPARATION_VERSION = 1
+PREPARATION_VERSION = 2  # 2: neighbourhood context windows in the cell features
 #: CPU minutes to prepare one whole HER2ST section (measured on C2: 2 on a quiet machine with one
 #: thread per process, as in the benchmarks; 5 on a busy shared machine; see the README).
 WHOLE_SECTION_CPU_MINUTES = "2–5"
@@ -79,6 +79,9 @@ class Preparation:
         Embedding mode, ``"tile"`` or ``"crop"``.
     embed_crop_um
         Side (µm) of the image patch described around each nucleus.
+    embed_context_um
+        :func:`bitro.pp.embed_cells` ``context_um``: neighbourhood windows (µm) appended to each
+        cell's features (``()``: none).
     device
         Embedding device (``"cpu"``: the benchmarks' numbers, on any machine).
     seed
@@ -95,6 +98,7 @@ class Preparation:
     encoders: tuple[str, ...] = ("efficientnet_lite0",)
     mode: str = "tile"
     embed_crop_um: float = 33.0
+    embed_context_um: tuple[float, ...] = (200.0,)
     device: str = "cpu"
     seed: int = 0
     keep: str = "whole"
@@ -103,6 +107,7 @@ class Preparation:
         """The fields as a JSON-ready dict (``encoders`` as a list)."""
         out = dataclasses.asdict(self)
         out["encoders"] = list(self.encoders)
+        out["embed_context_um"] = list(self.embed_context_um)
         return out
 
 
@@ -255,6 +260,7 @@ def prepare(
     records = {} if records is None else records
 
     def embed(index: int, encoder: str) -> None:
+        context = list(p.embed_context_um) if encoder != "morphology" and p.embed_context_um else None
         bt.pp.embed_cells(
             sdata,
             image_key=norm,
@@ -262,6 +268,7 @@ def prepare(
             mode=p.mode if encoder != "morphology" else "tile",
             tile_size=p.tile_size,
             crop_um=p.embed_crop_um,
+            context_um=context,
             device=p.device,
             key_added=K.EMBEDDING if index == 0 else f"X_{encoder}",
             seed=p.seed,
