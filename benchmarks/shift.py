@@ -94,6 +94,8 @@ MODELS = (
     ("bitro", "bitro", "library_size"),
     # item 3 of issue 18: the same model on per-slide z-scored cell features (bt.pp.standardize_features)
     ("bitro, slide z-scores", "bitro", "library_size", "X_bitro_slide"),
+    # item 3 of issue 18: the default bitro trained on the training windows plus augmented copies of each
+    ("bitro, augmented", "bitro", "library_size"),
     ("ridge", "ridge", "library_size"),
     ("mlp", "mlp", "library_size"),
     ("depth", "depth", "raw"),
@@ -104,6 +106,15 @@ SLIDE_REP = "X_bitro_slide"
 SCALES = ("library_size", "raw")
 #: Relative fall of bitro's normalised PCC_gene the issue allows under stain or scale shift.
 ALLOWED_FALL = 0.10
+AUGMENTED = "bitro, augmented"
+#: Augmented copies of every training window (``bt.pp.augment_slide``): the ±20 % of scale a new scanner
+#: may bring, each with a mild stain jitter (every H/E/DAB concentration ×0.9–×1.1). The seed of copy ``i``
+#: of section ``j`` is ``AUGMENT_SEED + 10 j + i`` (every copy draws its own stain factors).
+AUGMENTS: tuple[dict[str, float], ...] = (
+    {"scale": 0.8, "hed_jitter": 0.1, "hed_shift": 0.0},
+    {"scale": 1.2, "hed_jitter": 0.1, "hed_shift": 0.0},
+)
+AUGMENT_SEED = 1
 
 
 # --------------------------------------------------------------------------- shifted sections
@@ -160,6 +171,47 @@ def shifted_section(section: str, spec: dict[str, Any], window: int | None, base
     if "thin" not in spec:
         return tables, tables
     return tables, bt.datasets.thin_counts(tables, **spec["thin"], seed=SEED)
+
+
+# --------------------------------------------------------------------------- augmented training windows
+def augment_spec(section: str, index: int) -> dict[str, Any]:
+    """Arguments of ``bt.pp.augment_slide`` for copy ``index`` of ``section`` (with its own seed)."""
+    return {**AUGMENTS[index], "seed": AUGMENT_SEED + 10 * SECTIONS.index(section) + index}
+
+
+def augmented_name(section: str, spec: dict[str, Any], window: int | None) -> str:
+    """Cache folder of an augmented copy of ``section``, preprocessed (distinct from the shifted ones)."""
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cache_key(section, SHIFT_ENCODERS, 'tile', window)}_augment_{digest}"
+
+
+def augmented_section(section: str, index: int, window: int | None) -> Any:
+    """Tables of augmented copy ``index`` of ``section``, preprocessed like every section (cached)."""
+    import bitro as bt
+
+    spec = augment_spec(section, index)
+
+    def build(steps: Steps) -> Any:
+        with steps("load"):
+            sdata = load_section(section, window=window)
+        with steps("augment"):
+            sdata = _materialise(bt.pp.augment_slide(sdata, **spec))
+        return preprocess(sdata, encoders=SHIFT_ENCODERS, steps=steps)
+
+    return cached_tables(augmented_name(section, spec, window), build)
+
+
+def training_copies(augmented: dict[str, list[Any]], test_name: str) -> list[Any]:
+    """The augmented copies of the training sections of a fold: never one of the held-out section."""
+    out = []
+    for name, copies in augmented.items():
+        if name == test_name:
+            continue
+        for tables in copies:
+            sources = {r["source_sample_id"] for r in tables.attrs.get("bitro_augment", [])}
+            assert test_name not in sources, f"an augmented copy of the test section {test_name} in training"
+            out.append(tables)
+    return out
 
 
 # --------------------------------------------------------------------------- scoring
@@ -305,6 +357,10 @@ def run(quick: bool) -> dict[str, Any]:
     folds = [0] if quick else list(range(len(names)))
     rows, ceilings, domains, speed = [], [], [], []
     out: dict[str, Any] = {}
+    t_aug = time.perf_counter()
+    augmented = {n: [augmented_section(n, i, window) for i in range(len(AUGMENTS))] for n in names}
+    speed.append({"fold": -1, "test": "", "what": "augmented copies (preprocessing when not cached)",
+                  "seconds": round(time.perf_counter() - t_aug, 2)})  # fmt: skip
     for f in folds:
         test_name = names[f]
         train = [sections[n] for n in names if n != test_name]
@@ -315,7 +371,8 @@ def run(quick: bool) -> dict[str, Any]:
             if rep and rep[0] == SLIDE_REP:
                 for s in train:
                     bt.pp.standardize_features(s, overwrite=True)
-            models[run_name] = _fit(cfg, train, genes, kw)
+            slides = [*train, *training_copies(augmented, test_name)] if run_name == AUGMENTED else train
+            models[run_name] = _fit(cfg, slides, genes, kw)
             speed.append({"fold": f, "test": test_name, "what": f"fit {run_name}",
                           "seconds": round(time.perf_counter() - t_fit, 2)})  # fmt: skip
         train_stats = [bt.tl.domain_stats(s) for s in train]
@@ -363,6 +420,7 @@ def _result(
             "window_half_px": window,
             "bitro_fit_kwargs": kw,
             "models": [list(m) for m in MODELS],
+            "augments": {n: [augment_spec(n, i) for i in range(len(AUGMENTS))] for n in names},
             "shifts": SHIFTS,
             "labels": LABELS,
             "spots": {n: int(s["spots"].n_obs) for n, s in sections.items()},
