@@ -469,6 +469,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"{p['n_genes']} genes; PCC_gene over the spots with at least one nucleus; mean over held-out sections. "
         f"{NUCLEI}: every gene scored by its correlation with log(1 + nuclei in the spot) alone.",
         "",
+        *_augment_protocol(p, models),
     ]
     for scale, label in (("library_size", "normalised"), ("raw", "raw-count")):
         header = ["shift", *models, "bitro vs in-distribution"]
@@ -483,7 +484,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines += _ceiling_lines(res, mean)
     lines += _constant_lines(rows, shifts, models, labels, p["n_genes"])
     lines += _domain_lines(res, shifts, labels)
-    lines += [_reading(mean, shifts, models, labels), _noise_note(rows)]
+    lines += [_reading(mean, shifts, models, labels), *_augment_reading(mean, shifts, models, labels)]
+    lines += [_noise_note(rows)]
     speed = pd.DataFrame(res["speed"])
     if len(speed):
         total = speed.groupby("what", sort=False)["seconds"].mean()
@@ -497,6 +499,10 @@ def markdown(res: dict[str, Any]) -> str:
         )
         lines += [f"_Time per fold (mean): fits {fits}; shifted test section (preprocessing when not cached, "
                   f"prediction excluded) {prep}._", ""]  # fmt: skip
+        augmenting = [v for k, v in total.items() if k.startswith("augmented copies")]
+        if augmenting:
+            lines += [f"_Augmented training copies, all sections (preprocessing when not cached): "
+                      f"{augmenting[0]:.0f} s._", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -620,6 +626,59 @@ def _reading(mean, shifts, models, labels) -> str:
                     f"{v:.3f}), within the {ALLOWED_FALL:.0%} the issue allows."
                 )
     return "**Reading.**\n\n" + "\n".join(out) + "\n"
+
+
+def _augment_protocol(p: dict[str, Any], models: list[str]) -> list[str]:
+    """How the augmented copies of the training windows were made (when the run has them)."""
+    if AUGMENTED not in models or not p.get("augments"):
+        return []
+    specs = next(iter(p["augments"].values()))
+    copies = "; ".join(
+        f"×{s['scale']:g}, stain factors ×{1 - s['hed_jitter']:g}–×{1 + s['hed_jitter']:g}"
+        + (f" and offsets ±{s['hed_shift']:g}" if s.get("hed_shift") else "")
+        for s in specs
+    )
+    return [
+        f"**{AUGMENTED}** is the default bitro trained on the training windows plus {len(specs)} augmented "
+        f"copies of each (`bt.pp.augment_slide`: {copies}; every copy draws its own stain factors, "
+        "seeds in the result's protocol), each copy preprocessed again exactly like a section. Only the "
+        "training windows of a fold are augmented, never the held-out one. Early-stopping validation spots "
+        "are drawn from all training slides, copies included.",
+        "",
+    ]
+
+
+def _augment_reading(mean, shifts, models, labels) -> list[str]:
+    """Does augmentation hold each stain and scale shift within 10 %, and what does it cost in distribution?"""
+    if AUGMENTED not in models or mean.get(("none", AUGMENTED, "library_size")) is None:
+        return []
+    out = []
+    for scale, label in (("library_size", "normalised"), ("raw", "raw-count")):
+        a, b = mean.get(("none", AUGMENTED, scale)), mean.get(("none", "bitro", scale))
+        if a is not None and b is not None:
+            out.append(
+                f"- In distribution, {label}: {AUGMENTED} {a:.3f} against bitro {b:.3f} "
+                f"({a - b:+.3f}, {(a - b) / abs(b):+.0%})."
+            )
+    held, missed = [], []
+    for s in shifts:
+        if s == "none" or (s, AUGMENTED, "library_size") not in mean:
+            continue
+        a0, a = mean[("none", AUGMENTED, "library_size")], mean[(s, AUGMENTED, "library_size")]
+        b0, b = mean[("none", "bitro", "library_size")], mean[(s, "bitro", "library_size")]
+        fall_a, fall_b = (a0 - a) / abs(a0), (b0 - b) / abs(b0)
+        out.append(
+            f"- {labels.get(s, s)}: {AUGMENTED} {a:.3f} ({-fall_a:+.0%} of its own in-distribution value), "
+            f"bitro {b:.3f} ({-fall_b:+.0%})."
+        )
+        if s.startswith(("stain", "scale")):
+            (held if fall_a <= ALLOWED_FALL else missed).append(labels.get(s, s))
+    verdict = (
+        f"- **Target (a fall of at most {ALLOWED_FALL:.0%} under stain and ±20 % scale shift):** "
+        f"{AUGMENTED} meets it on {', '.join(held) or 'none of them'}"
+        + (f"; it does **not** on {', '.join(missed)}." if missed else ".")
+    )
+    return ["**Augmentation** (normalised PCC_gene unless said).", "", *out, verdict, ""]
 
 
 def _noise_note(rows) -> str:

@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING
 from bitro import _keys as K
 from bitro._logging import logger
 from bitro.datasets._shift import _record
-from bitro.pp._resample import resample_image, rescaled_copy
-
-__all__ = ["resample_image", "rescale"]
+from bitro.pp._resample import rescaled_copy
 
 if TYPE_CHECKING:
     import spatialdata as sd
