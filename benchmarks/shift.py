@@ -96,6 +96,8 @@ MODELS = (
     ("bitro, slide z-scores", "bitro", "library_size", "X_bitro_slide"),
     # item 3 of issue 18: the default bitro trained on the training windows plus augmented copies of each
     ("bitro, augmented", "bitro", "library_size"),
+    # its control: the training windows repeated as often (same spots per epoch and steps), not augmented
+    ("bitro, repeated", "bitro", "library_size"),
     ("ridge", "ridge", "library_size"),
     ("mlp", "mlp", "library_size"),
     ("depth", "depth", "raw"),
@@ -115,6 +117,7 @@ AUGMENTS: tuple[dict[str, float], ...] = (
     {"scale": 1.2, "hed_jitter": 0.1, "hed_shift": 0.0},
 )
 AUGMENT_SEED = 1
+REPEATED = "bitro, repeated"
 
 
 # --------------------------------------------------------------------------- shifted sections
@@ -211,6 +214,20 @@ def training_copies(augmented: dict[str, list[Any]], test_name: str) -> list[Any
             sources = {r["source_sample_id"] for r in tables.attrs.get("bitro_augment", [])}
             assert test_name not in sources, f"an augmented copy of the test section {test_name} in training"
             out.append(tables)
+    return out
+
+
+def repeated_copies(train: list[Any], n: int) -> list[Any]:
+    """``n`` plain copies of every training window under new sample ids: the control of augmentation."""
+    from bitro.tl._cv import light_copy
+
+    out = []
+    for i in range(n):
+        for tables in train:
+            copy = light_copy(tables)
+            scale = dict(copy.attrs["bitro_scale"])
+            copy.attrs["bitro_scale"] = {**scale, "sample_id": f"{scale['sample_id']}_repeat{i}"}
+            out.append(copy)
     return out
 
 
@@ -371,7 +388,11 @@ def run(quick: bool) -> dict[str, Any]:
             if rep and rep[0] == SLIDE_REP:
                 for s in train:
                     bt.pp.standardize_features(s, overwrite=True)
-            slides = [*train, *training_copies(augmented, test_name)] if run_name == AUGMENTED else train
+            slides = train
+            if run_name == AUGMENTED:
+                slides = [*train, *training_copies(augmented, test_name)]
+            elif run_name == REPEATED:
+                slides = [*train, *repeated_copies(train, len(AUGMENTS))]
             models[run_name] = _fit(cfg, slides, genes, kw)
             speed.append({"fold": f, "test": test_name, "what": f"fit {run_name}",
                           "seconds": round(time.perf_counter() - t_fit, 2)})  # fmt: skip
@@ -643,7 +664,13 @@ def _augment_protocol(p: dict[str, Any], models: list[str]) -> list[str]:
         f"copies of each (`bt.pp.augment_slide`: {copies}; every copy draws its own stain factors, "
         "seeds in the result's protocol), each copy preprocessed again exactly like a section. Only the "
         "training windows of a fold are augmented, never the held-out one. Early-stopping validation spots "
-        "are drawn from all training slides, copies included.",
+        "are drawn from all training slides, copies included."
+        + (
+            f" **{REPEATED}** is its control: the training windows repeated as often, unchanged (the same "
+            "number of spots per epoch and the same validation leak, no augmentation)."
+            if REPEATED in models
+            else ""
+        ),
         "",
     ]
 
@@ -655,10 +682,12 @@ def _augment_reading(mean, shifts, models, labels) -> list[str]:
     out = []
     for scale, label in (("library_size", "normalised"), ("raw", "raw-count")):
         a, b = mean.get(("none", AUGMENTED, scale)), mean.get(("none", "bitro", scale))
+        r = mean.get(("none", REPEATED, scale))
         if a is not None and b is not None:
             out.append(
                 f"- In distribution, {label}: {AUGMENTED} {a:.3f} against bitro {b:.3f} "
-                f"({a - b:+.3f}, {(a - b) / abs(b):+.0%})."
+                f"({a - b:+.3f}, {(a - b) / abs(b):+.0%})"
+                + ("." if r is None else f"; {REPEATED} {r:.3f} ({r - b:+.3f}, {(r - b) / abs(b):+.0%}).")
             )
     held, missed = [], []
     for s in shifts:
@@ -667,9 +696,11 @@ def _augment_reading(mean, shifts, models, labels) -> list[str]:
         a0, a = mean[("none", AUGMENTED, "library_size")], mean[(s, AUGMENTED, "library_size")]
         b0, b = mean[("none", "bitro", "library_size")], mean[(s, "bitro", "library_size")]
         fall_a, fall_b = (a0 - a) / abs(a0), (b0 - b) / abs(b0)
+        r0, r = mean.get(("none", REPEATED, "library_size")), mean.get((s, REPEATED, "library_size"))
+        control = "" if r is None or not r0 else f", {REPEATED} {r:.3f} ({(r - r0) / abs(r0):+.0%})"
         out.append(
             f"- {labels.get(s, s)}: {AUGMENTED} {a:.3f} ({-fall_a:+.0%} of its own in-distribution value), "
-            f"bitro {b:.3f} ({-fall_b:+.0%})."
+            f"bitro {b:.3f} ({-fall_b:+.0%}){control}."
         )
         if s.startswith(("stain", "scale")):
             (held if fall_a <= ALLOWED_FALL else missed).append(labels.get(s, s))
