@@ -135,26 +135,20 @@ def test_no_augmentation_gives_the_same_pixels(tissue):
 
 
 # --------------------------------------------------------------------------- the recipe
-def test_augmented_copies_train_beside_the_originals(tissue):
-    """augment_slides → the usual preprocessing → bt.tl.fit on originals and copies together."""
+def test_augmented_copies_train_beside_the_originals(tissue, tmp_path):
+    """The documented recipe: augment_slides → run_pipeline → bt.tl.fit on originals and copies together."""
     bt.settings.progress = False
     copies = bt.pp.augment_slides({"a": tissue}, scales=(0.8, 1.2), hed_jitter=0.1, seed=5)
     assert list(copies) == ["a_aug0_x0.8", "a_aug1_x1.2"]
     seeds = [c.attrs["bitro_augment"][-1]["seed"] for c in copies.values()]
     assert seeds == [5, 6]
     assert [c.attrs["bitro_scale"]["sample_id"] for c in copies.values()] == list(copies)
-    slides = []
-    for sdata in [tissue, *copies.values()]:
-        from bitro.pp._pipeline import _fresh
-
-        s = _fresh(sdata)
-        bt.pp.normalize_stains(s)
-        bt.pp.segment_cells(s, image_key="he_normalized")
-        bt.pp.embed_cells(s, image_key="he_normalized", encoder="morphology")
-        bt.pp.assign_cells(s)
-        slides.append(s)
+    manifest = bt.pp.run_pipeline({"a": tissue, **copies}, out=tmp_path / "prepared", encoder="morphology")
+    assert (manifest["status"] == "done").all()
+    slides = [bt.io.read_zarr(tmp_path / "prepared" / f"{name}.zarr") for name in ["a", *copies]]
     n_cells = [s["spots"].obs["n_cells"].mean() for s in slides]
     assert n_cells[1] > n_cells[0] > n_cells[2]  # ×0.8 packs more nuclei into a spot, ×1.2 fewer
+    assert slides[1].attrs["bitro_augment"][-1]["scale"] == 0.8
     model = bt.tl.fit(slides, model="ridge")
     model.predict(slides[0], key_added="pred")
     pred = slides[0]["spots"].layers["pred"]
