@@ -20,7 +20,11 @@ tile features, assignment) and cached in ``benchmarks/cache``. Depth shifts chan
 sections: bitro, ridge and MLP on the library-size target, depth and cell_count on raw counts, with
 the accuracy benchmark's settings. A sixth predictor is log(1 + nuclei per spot) alone, from bitro's
 segmentation of the (shifted) test section: every gene is scored by its correlation with that one
-number. All are scored against the same truth with ``bt.tl.evaluate`` (PCC_gene on library-size
+number. Two more bitro models test training-time augmentation (issue 18, item 3): "bitro, augmented" is
+trained on the training windows plus copies of each at ×0.8 and ×1.2 with a mild stain jitter
+(``bt.pp.augment_slide``, preprocessed like every section and cached; never a copy of the held-out
+section), and "bitro, repeated", its control, on the training windows repeated as often, unchanged.
+All are scored against the same truth with ``bt.tl.evaluate`` (PCC_gene on library-size
 normalised and on raw-count log1p; spots with at least one nucleus).
 
 Also reported: the noise ceiling of each thinned truth (PCC_gene between two independent thinnings
@@ -94,6 +98,10 @@ MODELS = (
     ("bitro", "bitro", "library_size"),
     # item 3 of issue 18: the same model on per-slide z-scored cell features (bt.pp.standardize_features)
     ("bitro, slide z-scores", "bitro", "library_size", "X_bitro_slide"),
+    # item 3 of issue 18: the default bitro trained on the training windows plus augmented copies of each
+    ("bitro, augmented", "bitro", "library_size"),
+    # its control: the training windows repeated as often (same spots per epoch and steps), not augmented
+    ("bitro, repeated", "bitro", "library_size"),
     ("ridge", "ridge", "library_size"),
     ("mlp", "mlp", "library_size"),
     ("depth", "depth", "raw"),
@@ -104,6 +112,16 @@ SLIDE_REP = "X_bitro_slide"
 SCALES = ("library_size", "raw")
 #: Relative fall of bitro's normalised PCC_gene the issue allows under stain or scale shift.
 ALLOWED_FALL = 0.10
+AUGMENTED = "bitro, augmented"
+#: Augmented copies of every training window (``bt.pp.augment_slide``): the ±20 % of scale a new scanner
+#: may bring, each with a mild stain jitter (every H/E/DAB concentration ×0.9–×1.1). The seed of copy ``i``
+#: of section ``j`` is ``AUGMENT_SEED + 10 j + i`` (every copy draws its own stain factors).
+AUGMENTS: tuple[dict[str, float], ...] = (
+    {"scale": 0.8, "hed_jitter": 0.1, "hed_shift": 0.0},
+    {"scale": 1.2, "hed_jitter": 0.1, "hed_shift": 0.0},
+)
+AUGMENT_SEED = 1
+REPEATED = "bitro, repeated"
 
 
 # --------------------------------------------------------------------------- shifted sections
@@ -160,6 +178,61 @@ def shifted_section(section: str, spec: dict[str, Any], window: int | None, base
     if "thin" not in spec:
         return tables, tables
     return tables, bt.datasets.thin_counts(tables, **spec["thin"], seed=SEED)
+
+
+# --------------------------------------------------------------------------- augmented training windows
+def augment_spec(section: str, index: int) -> dict[str, Any]:
+    """Arguments of ``bt.pp.augment_slide`` for copy ``index`` of ``section`` (with its own seed)."""
+    return {**AUGMENTS[index], "seed": AUGMENT_SEED + 10 * SECTIONS.index(section) + index}
+
+
+def augmented_name(section: str, spec: dict[str, Any], window: int | None) -> str:
+    """Cache folder of an augmented copy of ``section``, preprocessed (distinct from the shifted ones)."""
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cache_key(section, SHIFT_ENCODERS, 'tile', window)}_augment_{digest}"
+
+
+def augmented_section(section: str, index: int, window: int | None) -> Any:
+    """Tables of augmented copy ``index`` of ``section``, preprocessed like every section (cached)."""
+    import bitro as bt
+
+    spec = augment_spec(section, index)
+
+    def build(steps: Steps) -> Any:
+        with steps("load"):
+            sdata = load_section(section, window=window)
+        with steps("augment"):
+            sdata = _materialise(bt.pp.augment_slide(sdata, **spec))
+        return preprocess(sdata, encoders=SHIFT_ENCODERS, steps=steps)
+
+    return cached_tables(augmented_name(section, spec, window), build)
+
+
+def training_copies(augmented: dict[str, list[Any]], test_name: str) -> list[Any]:
+    """The augmented copies of the training sections of a fold: never one of the held-out section."""
+    out = []
+    for name, copies in augmented.items():
+        if name == test_name:
+            continue
+        for tables in copies:
+            sources = {r["source_sample_id"] for r in tables.attrs.get("bitro_augment", [])}
+            assert test_name not in sources, f"an augmented copy of the test section {test_name} in training"
+            out.append(tables)
+    return out
+
+
+def repeated_copies(train: list[Any], n: int) -> list[Any]:
+    """``n`` plain copies of every training window under new sample ids: the control of augmentation."""
+    from bitro.tl._cv import light_copy
+
+    out = []
+    for i in range(n):
+        for tables in train:
+            copy = light_copy(tables)
+            scale = dict(copy.attrs["bitro_scale"])
+            copy.attrs["bitro_scale"] = {**scale, "sample_id": f"{scale['sample_id']}_repeat{i}"}
+            out.append(copy)
+    return out
 
 
 # --------------------------------------------------------------------------- scoring
@@ -305,6 +378,10 @@ def run(quick: bool) -> dict[str, Any]:
     folds = [0] if quick else list(range(len(names)))
     rows, ceilings, domains, speed = [], [], [], []
     out: dict[str, Any] = {}
+    t_aug = time.perf_counter()
+    augmented = {n: [augmented_section(n, i, window) for i in range(len(AUGMENTS))] for n in names}
+    speed.append({"fold": -1, "test": "", "what": "augmented copies (preprocessing when not cached)",
+                  "seconds": round(time.perf_counter() - t_aug, 2)})  # fmt: skip
     for f in folds:
         test_name = names[f]
         train = [sections[n] for n in names if n != test_name]
@@ -315,7 +392,12 @@ def run(quick: bool) -> dict[str, Any]:
             if rep and rep[0] == SLIDE_REP:
                 for s in train:
                     bt.pp.standardize_features(s, overwrite=True)
-            models[run_name] = _fit(cfg, train, genes, kw)
+            slides = train
+            if run_name == AUGMENTED:
+                slides = [*train, *training_copies(augmented, test_name)]
+            elif run_name == REPEATED:
+                slides = [*train, *repeated_copies(train, len(AUGMENTS))]
+            models[run_name] = _fit(cfg, slides, genes, kw)
             speed.append({"fold": f, "test": test_name, "what": f"fit {run_name}",
                           "seconds": round(time.perf_counter() - t_fit, 2)})  # fmt: skip
         train_stats = [bt.tl.domain_stats(s) for s in train]
@@ -363,6 +445,7 @@ def _result(
             "window_half_px": window,
             "bitro_fit_kwargs": kw,
             "models": [list(m) for m in MODELS],
+            "augments": {n: [augment_spec(n, i) for i in range(len(AUGMENTS))] for n in names},
             "shifts": SHIFTS,
             "labels": LABELS,
             "spots": {n: int(s["spots"].n_obs) for n, s in sections.items()},
@@ -411,6 +494,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"{p['n_genes']} genes; PCC_gene over the spots with at least one nucleus; mean over held-out sections. "
         f"{NUCLEI}: every gene scored by its correlation with log(1 + nuclei in the spot) alone.",
         "",
+        *_augment_protocol(p, models),
     ]
     for scale, label in (("library_size", "normalised"), ("raw", "raw-count")):
         header = ["shift", *models, "bitro vs in-distribution"]
@@ -425,7 +509,14 @@ def markdown(res: dict[str, Any]) -> str:
     lines += _ceiling_lines(res, mean)
     lines += _constant_lines(rows, shifts, models, labels, p["n_genes"])
     lines += _domain_lines(res, shifts, labels)
-    lines += [_reading(mean, shifts, models, labels), _noise_note(rows)]
+    fit_seconds = (
+        pd.DataFrame(res["speed"] or [{"what": "", "seconds": 0.0}]).groupby("what")["seconds"].mean()
+    )
+    lines += [
+        _reading(mean, shifts, models, labels),
+        *_augment_reading(mean, shifts, models, labels, fit_seconds),
+    ]
+    lines += [_noise_note(rows)]
     speed = pd.DataFrame(res["speed"])
     if len(speed):
         total = speed.groupby("what", sort=False)["seconds"].mean()
@@ -540,7 +631,7 @@ def _reading(mean, shifts, models, labels) -> str:
         out.append(
             "- bitro stays above every baseline and log(1 + nuclei) under every shift, on both scales."
         )
-    for b in [m for m in models if m.startswith("bitro")]:
+    for b in [m for m in models if m.startswith("bitro") and m != REPEATED]:  # the control: see augmentation
         base = mean.get(("none", b, "library_size"))
         for s in shifts:
             if (
@@ -562,6 +653,75 @@ def _reading(mean, shifts, models, labels) -> str:
                     f"{v:.3f}), within the {ALLOWED_FALL:.0%} the issue allows."
                 )
     return "**Reading.**\n\n" + "\n".join(out) + "\n"
+
+
+def _augment_protocol(p: dict[str, Any], models: list[str]) -> list[str]:
+    """How the augmented copies of the training windows were made (when the run has them)."""
+    if AUGMENTED not in models or not p.get("augments"):
+        return []
+    specs = next(iter(p["augments"].values()))
+    copies = "; ".join(
+        f"×{s['scale']:g}, stain factors ×{1 - s['hed_jitter']:g}–×{1 + s['hed_jitter']:g}"
+        + (f" and offsets ±{s['hed_shift']:g}" if s.get("hed_shift") else "")
+        for s in specs
+    )
+    return [
+        f"**{AUGMENTED}** is the default bitro trained on the training windows plus {len(specs)} augmented "
+        f"copies of each (`bt.pp.augment_slide`: {copies}; every copy draws its own stain factors, "
+        "seeds in the result's protocol), each copy preprocessed again exactly like a section. Only the "
+        "training windows of a fold are augmented, never the held-out one. Early-stopping validation spots "
+        "are drawn from all training slides, copies included."
+        + (
+            f" **{REPEATED}** is its control: the training windows repeated as often, unchanged (the same "
+            "number of spots per epoch and the same validation leak, no augmentation)."
+            if REPEATED in models
+            else ""
+        ),
+        "",
+    ]
+
+
+def _augment_reading(mean, shifts, models, labels, fit_seconds=None) -> list[str]:
+    """Does augmentation hold each stain and scale shift within 10 %, and what does it cost in distribution?"""
+    if AUGMENTED not in models or mean.get(("none", AUGMENTED, "library_size")) is None:
+        return []
+    out = []
+    for scale, label in (("library_size", "normalised"), ("raw", "raw-count")):
+        a, b = mean.get(("none", AUGMENTED, scale)), mean.get(("none", "bitro", scale))
+        r = mean.get(("none", REPEATED, scale))
+        if a is not None and b is not None:
+            out.append(
+                f"- In distribution, {label}: {AUGMENTED} {a:.3f} against bitro {b:.3f} "
+                f"({a - b:+.3f}, {(a - b) / abs(b):+.0%})"
+                + ("." if r is None else f"; {REPEATED} {r:.3f} ({r - b:+.3f}, {(r - b) / abs(b):+.0%}).")
+            )
+    held, missed = [], []
+    for s in shifts:
+        if s == "none" or (s, AUGMENTED, "library_size") not in mean:
+            continue
+        a0, a = mean[("none", AUGMENTED, "library_size")], mean[(s, AUGMENTED, "library_size")]
+        b0, b = mean[("none", "bitro", "library_size")], mean[(s, "bitro", "library_size")]
+        fall_a, fall_b = (a0 - a) / abs(a0), (b0 - b) / abs(b0)
+        r0, r = mean.get(("none", REPEATED, "library_size")), mean.get((s, REPEATED, "library_size"))
+        control = "" if r is None or not r0 else f", {REPEATED} {r:.3f} ({(r - r0) / abs(r0):+.0%})"
+        out.append(
+            f"- {labels.get(s, s)}: {AUGMENTED} {a:.3f} ({-fall_a:+.0%} of its own in-distribution value), "
+            f"bitro {b:.3f} ({-fall_b:+.0%}){control}."
+        )
+        if s.startswith(("stain", "scale")):
+            (held if fall_a <= ALLOWED_FALL else missed).append(labels.get(s, s))
+    verdict = (
+        f"- **Target (a fall of at most {ALLOWED_FALL:.0%} under stain and ±20 % scale shift):** "
+        f"{AUGMENTED} meets it on {', '.join(held) or 'none of them'}"
+        + (f"; it does **not** on {', '.join(missed)}." if missed else ".")
+    )
+    fits = {} if fit_seconds is None else fit_seconds.to_dict()
+    if f"fit {AUGMENTED}" in fits and "fit bitro" in fits:
+        verdict += (
+            f" Its cost: training takes {fits[f'fit {AUGMENTED}']:.0f} s per fold against {fits['fit bitro']:.0f} s, "
+            "and every copy is preprocessed like a section (segmentation and embedding)."
+        )
+    return ["**Augmentation** (normalised PCC_gene unless said).", "", *out, verdict, ""]
 
 
 def _noise_note(rows) -> str:

@@ -561,6 +561,62 @@ def test_shift_markdown_reports_losses_the_ceiling_and_collapses():
     assert "### Where bitro loses" in page and "stain: TCGA tile, normalised" in page
 
 
+def test_shift_markdown_states_whether_augmentation_meets_the_target():
+    from benchmarks import shift
+
+    res = _fake_shift()
+    values = {  # normalised / raw of the augmented model: −5 % under TCGA stain, −25 % at ×0.8
+        "none": (0.18, 0.28),
+        "stain_tcga": (0.171, 0.27),
+        "scale_0.8": (0.135, 0.20),
+        "depth_650": (0.09, 0.2),
+    }
+    extra = {"scale_0.8": {"bitro": (0.15, 0.2), "ridge": (0.1, 0.1), shift.NUCLEI: (0.0, 0.0)}}
+    for s, augmented in values.items():
+        for m, (norm, raw) in {shift.AUGMENTED: augmented, **extra.get(s, {})}.items():
+            for scale, v in (("library_size", norm), ("raw", raw)):
+                res["rows"].append(
+                    {"fold": 0, "test": "C2", "shift": s, "model": m, "scale": scale, "pcc_gene": v,
+                     "n_units": 150, "n_constant_pred": 0, "n_constant_scored": 0, "predict_seconds": 0.1}
+                )  # fmt: skip
+    res["protocol"]["augments"] = {"C2": [shift.augment_spec("C2", i) for i in range(len(shift.AUGMENTS))]}
+    md = shift.markdown(res)
+    assert "**bitro, augmented** is the default bitro trained on the training windows plus 2" in md
+    assert "- In distribution, normalised: bitro, augmented 0.180 against bitro 0.200 (-0.020, -10%)." in md
+    verdict = next(ln for ln in md.splitlines() if ln.startswith("- **Target"))
+    assert "meets it on stain: TCGA tile; it does **not** on scale ×0.8." in verdict
+    assert (
+        "- scale ×0.8: bitro, augmented 0.135 (-25% of its own in-distribution value), bitro 0.150 (-25%)."
+        in md
+    )
+
+
+def test_shift_training_copies_never_include_the_held_out_section():
+    import spatialdata as sd
+    from benchmarks import shift
+
+    def copy_of(name):
+        out = sd.SpatialData()
+        out.attrs["bitro_augment"] = [{"source_sample_id": name}]
+        return out
+
+    augmented = {n: [copy_of(n), copy_of(n)] for n in ("C2", "C3", "C4")}
+    kept = shift.training_copies(augmented, "C3")
+    assert len(kept) == 4
+    assert {c.attrs["bitro_augment"][0]["source_sample_id"] for c in kept} == {"C2", "C4"}
+    augmented["C2"].append(copy_of("C3"))  # a mislabelled copy of the test section is refused
+    with pytest.raises(AssertionError, match="test section C3"):
+        shift.training_copies(augmented, "C3")
+    seeds = {shift.augment_spec(n, i)["seed"] for n in shift.SECTIONS for i in range(len(shift.AUGMENTS))}
+    assert len(seeds) == len(shift.SECTIONS) * len(shift.AUGMENTS)  # every copy draws its own jitter
+    names = {
+        shift.augmented_name("C2", shift.augment_spec("C2", i), 1500) for i in range(len(shift.AUGMENTS))
+    }
+    assert len(names) == len(shift.AUGMENTS)
+    assert all("_augment_" in n for n in names)
+    assert not names & {shift.shifted_name("C2", spec, 1500) for spec in shift.SHIFTS.values()}
+
+
 def fake_spahgc() -> dict:
     """SpaHGC above ridge and retrieval but below bitro on the normalised scale (known answer)."""
     from benchmarks import spahgc

@@ -10,7 +10,6 @@ import spatialdata as sd
 from scipy import sparse
 
 import bitro as bt
-from bitro.datasets._rescale import resample_image
 from bitro.io._build import circles_element, image_element, set_scale, table_element
 
 
@@ -164,18 +163,6 @@ def test_rescale_keeps_spots_on_the_same_tissue(factor):
     # the input is untouched
     assert slide.images["he"].shape == (3, 120, 160)
     assert slide["spots"].obsm["spatial"][1].tolist() == [39.5, 49.5]
-
-
-@pytest.mark.parametrize("factor", [0.8, 1.2, 0.5])
-def test_resample_block_by_block_equals_the_whole_image(factor):
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(3, 150, 170), dtype=np.uint8)
-    whole = np.asarray(resample_image(image, factor, chunk=4096).compute())
-    tiled = np.asarray(resample_image(image, factor, chunk=32).compute())
-    np.testing.assert_array_equal(tiled, whole)
-    # a flat image stays flat (no edge darkening)
-    flat = np.full((3, 64, 64), 200, dtype=np.uint8)
-    assert (np.asarray(resample_image(flat, factor, chunk=16).compute()) == 200).all()
 
 
 def test_rescale_is_lazy_and_drops_what_describes_the_old_image():

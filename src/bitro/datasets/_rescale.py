@@ -8,14 +8,12 @@ and records itself in ``attrs["bitro_shift"]``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from bitro import _keys as K
 from bitro._logging import logger
-from bitro.datasets._shift import _new_sdata, _record
-from bitro.io._build import get_image, image_levels
+from bitro.datasets._shift import _record
+from bitro.pp._resample import rescaled_copy
 
 if TYPE_CHECKING:
     import spatialdata as sd
@@ -77,43 +75,19 @@ def rescale(sdata: sd.SpatialData, factor: float, *, image_key: str = K.IMAGE) -
     --------
     >>> denser = bt.datasets.rescale(sdata, 0.8)
     """
-    from bitro.io._build import get_mpp, image_element
+    from bitro.io._build import get_mpp
 
-    factor = _check_factor(factor)
-    level0 = get_image(sdata, image_key)
-    c, height, width = (int(n) for n in level0.shape)
-    out_h, out_w = round(height * factor), round(width * factor)
-    if min(out_h, out_w) < 1:
-        msg = f"factor={factor:g} leaves no pixel of the {width} × {height} image; pass a larger factor."
-        raise ValueError(msg)
-    if c not in (3, 4):
-        msg = f"Image {image_key!r} has {c} channels; rescale expects an RGB H&E image."
-        raise ValueError(msg)
-    data = level0.data[:3]
-    chunk = int(data.chunksize[1]) if hasattr(data, "chunksize") else 1024
-    resampled = resample_image(data, factor, chunk=chunk)
-    shapes_yx = image_levels(sdata, image_key)
-    scale_factors = [max(1, round(shapes_yx[i - 1][0] / shapes_yx[i][0])) for i in range(1, len(shapes_yx))]
-    images = {image_key: image_element(resampled, scale_factors=scale_factors or None, chunks=chunk)}
-
-    tables, shapes, dropped = _scale_tables_and_shapes(sdata, factor)
-    dropped["images"] = sorted(k for k in sdata.images if k != image_key)
-    dropped["labels"] = sorted(sdata.labels)
-    dropped["points"] = sorted(sdata.points)
-    out = _new_sdata(sdata, images=images, labels={}, points={}, shapes=shapes, tables=tables)
-    from bitro.pp._stain import STAIN_ATTRS_KEY
-
-    if STAIN_ATTRS_KEY in out.attrs:
-        out.attrs[STAIN_ATTRS_KEY] = {k: v for k, v in out.attrs[STAIN_ATTRS_KEY].items() if k in images}
-    dropped = {k: v for k, v in dropped.items() if v}
+    out, info = rescaled_copy(sdata, factor, image_key=image_key)
+    factor = float(factor)
+    dropped = info["dropped"]
     _record(
         out,
         {
             "kind": "rescale",
             "factor": factor,
             "image_key": image_key,
-            "shape_before": [height, width],
-            "shape_after": [out_h, out_w],
+            "shape_before": info["shape_before"],
+            "shape_after": info["shape_after"],
             "mpp": get_mpp(sdata) if K.SCALE in sdata.attrs else None,
             "dropped": dropped,
         },
@@ -121,131 +95,9 @@ def rescale(sdata: sd.SpatialData, factor: float, *, image_key: str = K.IMAGE) -
     if dropped:
         logger.info("rescale: left out %s (they describe the unscaled image).", dropped)
     logger.info(
-        "rescale: %r resampled ×%g to %d × %d px; µm per pixel kept.", image_key, factor, out_w, out_h
+        "rescale: %r resampled ×%g to %d × %d px; µm per pixel kept.",
+        image_key,
+        factor,
+        *info["shape_after"][::-1],
     )
     return out
-
-
-def _check_factor(factor: float) -> float:
-    try:
-        value = float(factor)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not np.isfinite(value) or value <= 0:
-        msg = f"factor must be a positive number (e.g. 0.8 or 1.2), got {factor!r}."
-        raise ValueError(msg)
-    return value
-
-
-def resample_image(data: Any, factor: float, *, chunk: int = 1024) -> Any:
-    """Resample a ``(c, y, x)`` uint8 array (numpy or dask) by ``factor``, lazily, block by block.
-
-    Output pixel ``(i, j)`` samples the source at ``((i + ½)/factor − ½, (j + ½)/factor − ½)``
-    bilinearly (edges repeat the border pixel). When shrinking, the source is first smoothed with
-    a Gaussian of ``σ = (1/factor − 1)/2`` px against aliasing. Each output block reads only the
-    source window it needs, with a margin that makes the result identical to resampling the whole
-    image at once.
-    """
-    import dask
-    import dask.array as da
-
-    source = (
-        data
-        if isinstance(data, da.Array)
-        else da.from_array(np.asarray(data), chunks=(data.shape[0], chunk, chunk))
-    )
-    c, height, width = (int(n) for n in source.shape)
-    out_h, out_w = max(1, round(height * factor)), max(1, round(width * factor))
-    sigma = max(0.0, (1.0 / factor - 1.0) / 2.0)
-    margin = int(np.ceil(4.0 * sigma)) + 2
-    rows = []
-    for y0 in range(0, out_h, chunk):
-        sy = _source_coords(y0, min(y0 + chunk, out_h), factor)
-        ya, yb = _window(sy, margin, height)
-        row = []
-        for x0 in range(0, out_w, chunk):
-            sx = _source_coords(x0, min(x0 + chunk, out_w), factor)
-            xa, xb = _window(sx, margin, width)
-            block = dask.delayed(_resample_block, pure=True)(source[:, ya:yb, xa:xb], sy - ya, sx - xa, sigma)
-            row.append(da.from_delayed(block, shape=(c, len(sy), len(sx)), dtype=np.uint8))
-        rows.append(row)
-    return da.block([rows])
-
-
-def _source_coords(start: int, stop: int, factor: float) -> np.ndarray:
-    return (np.arange(start, stop, dtype=np.float64) + 0.5) / factor - 0.5
-
-
-def _window(coords: np.ndarray, margin: int, size: int) -> tuple[int, int]:
-    lo = int(np.clip(np.floor(coords[0]) - margin, 0, size - 1))
-    hi = int(np.clip(np.ceil(coords[-1]) + margin + 1, lo + 1, size))
-    return lo, hi
-
-
-def _resample_block(window: np.ndarray, sy: np.ndarray, sx: np.ndarray, sigma: float) -> np.ndarray:
-    """Bilinear samples of ``window`` (``c, h, w``) at rows ``sy`` × columns ``sx`` (window coordinates)."""
-    from scipy import ndimage
-
-    window = np.asarray(window)
-    out = np.empty((window.shape[0], len(sy), len(sx)), dtype=np.uint8)
-    grid = np.meshgrid(sy, sx, indexing="ij")
-    for ch in range(window.shape[0]):
-        plane = window[ch].astype(np.float32)
-        if sigma > 0:
-            plane = ndimage.gaussian_filter(plane, sigma, mode="nearest")
-        values = ndimage.map_coordinates(plane, grid, order=1, mode="nearest")
-        out[ch] = np.clip(np.rint(values), 0, 255)
-    return out
-
-
-def _scale_xy(xy: np.ndarray, factor: float) -> np.ndarray:
-    return (np.asarray(xy, dtype=np.float64) + 0.5) * factor - 0.5
-
-
-def _scale_tables_and_shapes(sdata: sd.SpatialData, factor: float) -> tuple[dict, dict, dict[str, list[str]]]:
-    """Tables and shapes of the rescaled slide: circles scaled, polygon-annotating tables dropped."""
-    from spatialdata.models import TableModel
-
-    dropped: dict[str, list[str]] = {"tables": [], "shapes": []}
-    polygon_shapes = {k for k, gdf in sdata.shapes.items() if "radius" not in gdf.columns}
-    tables = {}
-    for key, table in sdata.tables.items():
-        attrs = table.uns.get(TableModel.ATTRS_KEY) or {}
-        regions = {str(r) for r in np.atleast_1d(attrs.get(TableModel.REGION_KEY, []))}
-        if regions & polygon_shapes:
-            dropped["tables"].append(key)
-            continue
-        new = table.copy()
-        if K.SPATIAL in new.obsm:
-            xy = np.asarray(new.obsm[K.SPATIAL], dtype=np.float64).copy()
-            xy[:, :2] = _scale_xy(xy[:, :2], factor)
-            new.obsm[K.SPATIAL] = xy
-        if K.N_CELLS in new.obs:
-            del new.obs[K.N_CELLS]
-        if K.DISTANCES in new.obsp:
-            new.obsp[K.DISTANCES] = new.obsp[K.DISTANCES] * factor
-        tables[key] = new
-    annotated_by_dropped = set()
-    for key in dropped["tables"]:
-        attrs = sdata.tables[key].uns.get(TableModel.ATTRS_KEY) or {}
-        annotated_by_dropped |= {str(r) for r in np.atleast_1d(attrs.get(TableModel.REGION_KEY, []))}
-    shapes = {}
-    for key, gdf in sdata.shapes.items():
-        if key in annotated_by_dropped:
-            dropped["shapes"].append(key)
-            continue
-        shapes[key] = _scale_shapes(gdf, factor)
-    return tables, shapes, dropped
-
-
-def _scale_shapes(gdf: Any, factor: float) -> Any:
-    """Shapes mapped like the image: ``(p + ½)·factor − ½``; circle radii × ``factor``."""
-    import shapely
-    from spatialdata.models import ShapesModel
-
-    out = gdf.copy()
-    offset = 0.5 * factor - 0.5
-    out.geometry = shapely.transform(np.asarray(gdf.geometry.values), lambda pts: pts * factor + offset)
-    if "radius" in out.columns:
-        out["radius"] = out["radius"].to_numpy(dtype=np.float64) * factor
-    return ShapesModel.parse(out)

@@ -25,6 +25,8 @@ _EXPORTS = {
     "tissue_mask": "._tissue",
     "tile_has_tissue": "._tissue",
     "standardize_features": "._standardize",
+    "augment_slide": "._augment",
+    "augment_slides": "._augment",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
