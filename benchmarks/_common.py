@@ -53,6 +53,7 @@ PREPROCESS = {
     "segmentation": "watershed (bt.pp.segment_cells defaults, on the normalised image, inside the tissue)",
     "tile_size": 1024,
     "crop_um": 33.0,
+    "context_um": [200.0],
     "recipe": "bitro.datasets._prepared.Preparation (the cache key records every field)",
 }
 
@@ -256,10 +257,11 @@ def _preparation(encoders: tuple[str, ...], mode: str) -> Any:
     from bitro.datasets._prepared import Preparation
 
     prep = Preparation(encoders=tuple(encoders), mode=mode, **PREPARATION_KW)
-    assert (prep.stain_method, prep.tile_size, prep.embed_crop_um) == (
+    assert (prep.stain_method, prep.tile_size, prep.embed_crop_um, list(prep.embed_context_um)) == (
         PREPROCESS["stain_method"],
         PREPROCESS["tile_size"],
         PREPROCESS["crop_um"],
+        PREPROCESS["context_um"],
     ), "PREPROCESS no longer describes bitro's preparation recipe; update it"
     return prep
 

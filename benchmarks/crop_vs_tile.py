@@ -114,8 +114,14 @@ def embed_section(section: str, base: Any, quick: bool, arm: str) -> tuple[Any, 
     return load_tables(path), extra
 
 
-def _with_features(sdata: Any, x: np.ndarray) -> Any:
+def _with_features(sdata: Any, x: np.ndarray | None, width: int | None = None) -> Any:
+    """``sdata`` with ``cells.obsm["X_bitro"]`` replaced by ``x`` (``None``: its own first ``width`` columns)."""
     cells = sdata["cells"].copy()
+    if x is None:
+        x = np.asarray(cells.obsm["X_bitro"])[:, :width]
+        info = dict(cells.uns.get("X_bitro", {}))
+        info.pop("context_um", None), info.pop("blocks", None)
+        cells.uns["X_bitro"] = info
     cells.obsm["X_bitro"] = np.asarray(x, dtype=np.float32)
     return _in_spot_tables(sdata, cells)
 
@@ -142,9 +148,10 @@ def run(quick: bool) -> dict[str, Any]:
         crop, info["crop"][s] = embed_section(s, base[s], quick, "crop")
         ctx, info["context"][s] = embed_section(s, base[s], quick, "context")
         keep = base[s]["cells"].obs_names.get_indexer(crop["cells"].obs_names)
-        tile = _in_spot_tables(base[s], base[s]["cells"][keep].copy())
         x_ctx = np.asarray(ctx["cells"].obsm["X_bitro"])
         width = np.asarray(crop["cells"].obsm["X_bitro"]).shape[1]
+        # the cached features' nucleus block (the cache may hold context windows after it)
+        tile = _with_features(_in_spot_tables(base[s], base[s]["cells"][keep].copy()), None, width)
         sections["tile"][s], sections["crop"][s], sections["tile + context"][s] = tile, crop, ctx
         sections["crop + context"][s] = _with_features(
             crop, np.concatenate([crop["cells"].obsm["X_bitro"], x_ctx[:, width:]], axis=1)
