@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS_DIR, ROOT, SETTINGS, md_table, write_result
+from benchmarks._common import RESULTS_DIR, ROOT, SETTINGS, features_label, md_table, write_result
 
 # name -> module; order = run order and page order
 BENCHMARKS = {
@@ -41,7 +41,14 @@ BENCHMARKS = {
 ALIASES = {"speed": "embedding"}
 #: Benchmarks that only run with ``--full`` (or when named with ``--only``): each takes 10 min or more.
 FULL_ONLY = (
-    "scaling", "bulk_memory", "distributed", "crop_vs_tile", "composition", "shift", "components", "spahgc",
+    "scaling",
+    "bulk_memory",
+    "distributed",
+    "crop_vs_tile",
+    "composition",
+    "shift",
+    "components",
+    "spahgc",
     "align",
 )
 STANDARD = tuple(n for n in BENCHMARKS if n not in FULL_ONLY)
@@ -140,7 +147,7 @@ def _headline(results: dict[str, dict[str, Any]]) -> list[str]:
     win = "" if not p.get("window_half_px") else f" (central {2 * p['window_half_px']} px windows)"
     return [
         f"Leave-one-section-out on HER2ST {', '.join(p['sections'])}{win}, held-out {', '.join(done)}, "
-        f"{p['n_genes']} genes, EfficientNet-Lite0 tile features; mean over held-out sections{quick}.",
+        f"{p['n_genes']} genes, {features_label(p.get('context_um', []))}; mean over held-out sections{quick}.",
         "",
         md_table(
             [

@@ -58,6 +58,14 @@ PREPROCESS = {
 }
 
 
+def features_label(context_um: Any = None) -> str:
+    """How the cached cells are described: EfficientNet-Lite0 tile features (+ their context windows)."""
+    ctx = PREPROCESS["context_um"] if context_um is None else context_um
+    if not ctx:
+        return "EfficientNet-Lite0 tile features"
+    return f"EfficientNet-Lite0 tile features of each nucleus + its {' and '.join(f'{c:g}' for c in ctx)} µm neighbourhood"
+
+
 # --------------------------------------------------------------------------- provenance
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, RAM and the load average at call time."""

@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 from benchmarks._common import (
+    PREPROCESS,
     SECTIONS,
     SEED,
     SETTINGS,
     cached_section,
+    features_label,
     kit_genes,
     md_table,
     metadata,
@@ -332,6 +334,7 @@ def _result(name, quick, t0, names, folds_main, folds_ab, genes, kw, sections, r
             "per-cell count head with the cells' own features skipped past the trunk)",
             "bitro_defaults": bitro_defaults(),
             "encoders": list(ENCODERS),
+            "context_um": list(PREPROCESS["context_um"]),
             "window_half_px": QUICK_WINDOW if quick else SETTINGS["window"],
             "cells": {n: int(s["cells"].n_obs) for n, s in sections.items()},
             "spots": {n: int(s["spots"].n_obs) for n, s in sections.items()},
@@ -402,7 +405,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"**Protocol.** Leave-one-section-out over {', '.join(p['sections'])} ({where}); held-out folds: "
         f"{', '.join(done)}{' (run incomplete)' if len(done) < len(p['folds_main']) else ''}. {p['n_genes']} genes (HER2ST 785-gene list). Cells: watershed nuclei, "
-        "EfficientNet-Lite0 tile features (cached). bitro: "
+        f"{features_label(p.get('context_um', []))} (cached). bitro: "
         f"{p['bitro_config']}; max {kw['max_epochs']} epochs, lr {kw['lr']}, batch {kw['batch_size']}, early-stopping "
         f"patience {kw['patience']} on {kw['validation_fraction']:.0%} of the training spots, PCA to "
         f"{kw['n_components']}. Ridge/MLP: mean-pooled cell features per spot. depth: the spot's log total count "
