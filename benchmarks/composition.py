@@ -37,7 +37,17 @@ from dataclasses import fields
 from typing import Any
 
 import numpy as np
-from benchmarks._common import SECTIONS, SEED, SETTINGS, cached_section, kit_genes, md_table, metadata
+from benchmarks._common import (
+    PREPROCESS,
+    SECTIONS,
+    SEED,
+    SETTINGS,
+    cached_section,
+    features_label,
+    kit_genes,
+    md_table,
+    metadata,
+)
 
 from bitro._logging import logger
 
@@ -316,6 +326,7 @@ def run(quick: bool) -> dict[str, Any]:
             "n_genes": len(genes),
             "bitro_fit_kwargs": kw,
             "encoders": list(ENCODERS),
+            "context_um": list(PREPROCESS["context_um"]),
             "window_half_px": QUICK_WINDOW if quick else SETTINGS["window"],
             "n_phenotypes": N_PHENOTYPES,
             "cells": {n: int(s["cells"].n_obs) for n, s in sections.items()},
@@ -378,7 +389,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"**Protocol.** Leave one section out within patient C ({', '.join(p['sections'])}, {where}); held out: "
         f"{', '.join(p['folds'])} (spots compared: {', '.join(f'{k} {v}' for k, v in n_spots.items())}). bitro "
         f"is trained on the other four sections ({p['n_genes']} genes, max {kw['max_epochs']} epochs, PCA to "
-        f"{kw['n_components']}, EfficientNet-Lite0 tile features) and predicts every cell of the held-out section; "
+        f"{kw['n_components']}, {features_label(p.get('context_um', []))}) and predicts every cell of the held-out "
+        "section; "
         "cells are typed by literature marker genes of the 8 major types (`bt.tl.type_cells`, markers in "
         "`bitro.tl._composition.MARKERS` restricted to the 785 genes), each spot's composition is its fraction of "
         "cells per type, and it is compared with the original study's stereoscope proportions (not cell truth) by "

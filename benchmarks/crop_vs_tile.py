@@ -214,6 +214,7 @@ def run(quick: bool) -> dict[str, Any]:
             "cells": "in-spot cells only" + (f" (first {QUICK_MAX_CELLS} per section)" if quick else ""),
             "encoder": ENCODER,
             "context_um": CONTEXT_UM,
+            "cache_context_um": list(PREPROCESS["context_um"]),
             "folds": [names[f] for f in folds],
             "n_genes": len(genes),
             "bitro_fit_kwargs": kw,
@@ -269,7 +270,11 @@ def markdown(res: dict[str, Any]) -> str:
             n_in,
             *rate("context_seconds", n_in),
         ],
-        ["tile (all cells of the sections)", n_all, *rate("tile_seconds_all_cells", n_all)],
+        [
+            f"{_cache_label(p)} (all cells of the sections, cache build)",
+            n_all,
+            *rate("tile_seconds_all_cells", n_all),
+        ],
     ]
     same = all(p["same_cells"].values())
     lines = [
@@ -317,6 +322,12 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cache_label(p: dict[str, Any]) -> str:
+    """The accuracy cache's embedding: tile, with the context windows the run recorded."""
+    ctx = p.get("cache_context_um") or []
+    return "tile" + "".join(f" + context {c:g} µm" for c in ctx)
+
+
 def _reading(df: Any, means: dict[tuple, float], cost: list[list[Any]]) -> list[str]:
     """Plain statements: each arm against crop, and the issue-14 targets."""
     key = ("bitro", "{}", "pcc_gene", "library_size")
@@ -336,11 +347,17 @@ def _reading(df: Any, means: dict[tuple, float], cost: list[list[Any]]) -> list[
             f"- bitro on *{mode}*: {get[mode]:.3f} normalised PCC_gene, {ratio:.2f} × crop's {get['crop']:.3f} "
             f"(higher than crop on {wins} of {len(per)} held-out sections); it {verb} the issue's 0.95 × crop."
         )
-    crop_rate, ctx_rate = cost[0][3], cost[1][3]
+    crop_rate, ctx_rate, all_rate = cost[0][3], cost[1][3], cost[2][3]
     if crop_rate and ctx_rate:
+        whole = (
+            f"; on whole sections (every nucleus, dense tiles) {cost[2][0]} embeds {all_rate:.0f} cells/s, "
+            f"{all_rate / crop_rate:.1f} × crop"
+            if all_rate
+            else ""
+        )
         out.append(
-            f"- Speed: tile + context embeds {ctx_rate:.0f} cells/s against crop's {crop_rate:.0f} "
-            f"({ctx_rate / crop_rate:.0f} ×; the issue asks ≥ 10 ×)."
+            f"- Speed: tile + context embeds {ctx_rate:.0f} cells/s on the in-spot cells against crop's "
+            f"{crop_rate:.0f} ({ctx_rate / crop_rate:.1f} ×; the issue asks ≥ 10 ×){whole}."
         )
     best = max((v, m) for m, v in get.items() if v is not None)
     out.append(

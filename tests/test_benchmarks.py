@@ -787,5 +787,6 @@ def test_features_markdown_compares_each_arm_with_crop_and_states_the_targets():
     assert "*tile*: 0.130 normalised PCC_gene, 0.87 × crop's 0.150 (higher than crop on 0 of 3" in md
     assert "it does **not** reach the issue's 0.95 × crop" in md
     assert "*tile + context*: 0.180 normalised PCC_gene, 1.20 × crop's 0.150 (higher than crop on 3 of 3" in md
-    assert "tile + context embeds 400 cells/s against crop's 20 (20 ×" in md
+    assert "tile + context embeds 400 cells/s on the in-spot cells against crop's 20 (20.0 ×" in md
+    assert "on whole sections (every nucleus, dense tiles) tile (all cells" in md
     assert "Best arm: *crop + context* at 0.200; the issue's target of 0.18 normalised PCC_gene is met." in md
