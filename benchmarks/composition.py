@@ -72,7 +72,12 @@ def heads() -> list[tuple[str, dict[str, Any] | None]]:
 
     if "head" not in {f.name for f in fields(BiTroConfig)}:
         return [("attention", None)]
-    return [("attention", {"head": "attention"}), ("cell_counts", {"head": "cell_counts"})]
+    return [
+        ("attention", {"head": "attention"}),
+        ("cell_counts", {"head": "cell_counts"}),
+        # the count head without the GAT and Transformer (better on spots with context features; see components)
+        ("trunk-free cell_counts", {"head": "cell_counts", "use_gat": False, "use_transformer": False}),
+    ]
 
 
 def _model_run(head: str) -> str:
