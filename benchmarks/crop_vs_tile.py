@@ -330,8 +330,7 @@ def _cache_label(p: dict[str, Any]) -> str:
 
 def _reading(df: Any, means: dict[tuple, float], cost: list[list[Any]]) -> list[str]:
     """Plain statements: each arm against crop, and the issue-14 targets."""
-    key = ("bitro", "{}", "pcc_gene", "library_size")
-    get = {m: means.get((key[0], m, key[2], key[3])) for m in MODES}
+    get = {m: means.get(("bitro", m, "pcc_gene", "library_size")) for m in MODES}
     if get["crop"] is None or get["tile"] is None:
         return []
     sub = df[(df["model"] == "bitro") & (df["metric"] == "pcc_gene") & (df["scale"] == "library_size")]

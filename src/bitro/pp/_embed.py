@@ -115,7 +115,7 @@ def embed_cells(
         column ranges. ``"auto"`` (default): :data:`DEFAULT_CONTEXT_UM` when the encoder has a
         feature map, else none (the ``crop_vs_tile`` benchmark: context raised bitro's
         leave-one-section-out accuracy on HER2ST). ``None``: the cell's own window only (the
-        features of bitro < 0.3).
+        features of bitro before 0.2).
     level
         Pyramid level to read; centroids are converted to that level's pixels.
     tile_size
@@ -215,6 +215,7 @@ def embed_cells(
         has_map = enc.kind != "mask" and enc.supports_tiles
         context_um = DEFAULT_CONTEXT_UM if has_map else None
     context = _context_windows(context_um, crop_um)
+    context_px = tuple(c / um_per_px for c in context)
     dev = None
     if hasattr(enc, "module"):
         import torch
@@ -289,7 +290,6 @@ def embed_cells(
         )
         feats = runner.run(step, data, image_name=image_key)
         if context:  # the neighbourhood windows come from one tile pass, appended after the crops
-            context_px = tuple(c / um_per_px for c in context)
             ctx_step = feature_map_step(
                 enc,
                 data,
@@ -305,7 +305,6 @@ def embed_cells(
             feats = np.concatenate([feats, ctx_runner.run(ctx_step, data, image_name=image_key)], axis=1)
             runner.absorb(ctx_runner)
     else:
-        context_px = tuple(c / um_per_px for c in context)
         step = feature_map_step(
             enc,
             data,
