@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as err:  # keep the other benchmarks going; the failure is logged
                 logger.exception("benchmarks: %s failed: %s", name, err)
                 continue
+            if not res or "meta" not in res:  # never replace a stored result with an empty one
+                logger.error("benchmarks: %s measured nothing; its stored result is kept", name)
+                continue
             path = write_result(res.get("name", name), res)
             logger.info("benchmarks: %s done in %.0f s -> %s", name, time.perf_counter() - t0, path)
     if args.no_page:

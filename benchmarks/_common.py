@@ -208,7 +208,14 @@ def metadata(*, quick: bool, seconds: float, seeds: dict[str, Any] | None = None
 
 
 def write_result(name: str, result: dict[str, Any], *, results_dir: Path = RESULTS_DIR) -> Path:
-    """Write ``<results_dir>/<name>.json`` atomically (``.tmp`` then rename)."""
+    """Write ``<results_dir>/<name>.json`` atomically (``.tmp`` then rename).
+
+    A result without ``meta`` (an empty or half-built dict) is refused, so a run that measured nothing
+    never replaces a stored result.
+    """
+    if not isinstance(result, dict) or "meta" not in result:
+        msg = f"Refusing to write {name}.json: the result has no 'meta' (nothing measured); the stored file is kept."
+        raise ValueError(msg)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

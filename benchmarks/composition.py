@@ -25,8 +25,8 @@ Beside it:
   softmax over types — the upper reference that needs no cells (observed) and the same without cells
   from the model (predicted).
 
-Heads: the current attention split of the spot (Eq. 10); the per-cell count head when
-``BiTroConfig`` has a ``head`` field (``config={"head": "cell_counts"}``). ``--quick``: one fold
+Heads (:func:`heads`): the paper's attention split of the spot (Eq. 10) on the GAT + Transformer trunk,
+the per-cell count head on that trunk, and the count head without it (bitro's default). ``--quick``: one fold
 (C2 held out), central ``2 × QUICK_WINDOW`` px windows of every section, few epochs.
 """
 
@@ -67,16 +67,21 @@ TARGET_TYPES = 5
 
 
 def heads() -> list[tuple[str, dict[str, Any] | None]]:
-    """The heads to compare: the attention split, and the per-cell count head once the network has one."""
+    """The heads to compare, each with its trunk named (so a head means the same whatever the defaults).
+
+    ``paper attention``: the attention split (Eq. 10) on the GAT + Transformer trunk, the paper's network;
+    ``cell_counts + trunk``: the per-cell count head on that trunk; ``cell_counts``: the count head without
+    it, bitro's default.
+    """
     from bitro.models import BiTroConfig
 
     if "head" not in {f.name for f in fields(BiTroConfig)}:
         return [("attention", None)]
+    trunk = {"use_gat": True, "use_transformer": True}
     return [
-        ("attention", {"head": "attention"}),
-        ("cell_counts", {"head": "cell_counts"}),
-        # the count head without the GAT and Transformer (better on spots with context features; see components)
-        ("trunk-free cell_counts", {"head": "cell_counts", "use_gat": False, "use_transformer": False}),
+        ("paper attention", {"head": "attention", **trunk}),
+        ("cell_counts + trunk", {"head": "cell_counts", **trunk}),
+        ("cell_counts", {"head": "cell_counts", "use_gat": False, "use_transformer": False}),
     ]
 
 
@@ -255,7 +260,7 @@ def run_fold(
         bt.tl.type_cells(test)
         bt.tl.spot_composition(test)
         comps[_model_run(head)] = test["spots"].obsm["marker_composition"]
-        if head == "attention":
+        if head == heads()[0][0]:  # the attention model's spots: equal split and spot marker score
             comps[EQUAL] = equal_split_composition(test, model_genes)
             pred = test["spots"][:, model_genes].layers["bitro"]
             ok = np.isfinite(pred).all(axis=1)
@@ -395,8 +400,10 @@ def markdown(res: dict[str, Any]) -> str:
         f"{', '.join(p['folds'])} (spots compared: {', '.join(f'{k} {v}' for k, v in n_spots.items())}). bitro "
         f"is trained on the other four sections ({p['n_genes']} genes, max {kw['max_epochs']} epochs, PCA to "
         f"{kw['n_components']}, {features_label(p.get('context_um', []))}) and predicts every cell of the held-out "
-        "section; "
-        "cells are typed by literature marker genes of the 8 major types (`bt.tl.type_cells`, markers in "
+        "section. Heads: *paper attention* = the attention split (Eq. 10) on the GAT + Transformer trunk; "
+        "*cell_counts + trunk* = the per-cell count head on that trunk; *cell_counts* = the count head without it "
+        "(bitro's default since 0.2; runs made before then name their heads differently). "
+        "Cells are typed by literature marker genes of the 8 major types (`bt.tl.type_cells`, markers in "
         "`bitro.tl._composition.MARKERS` restricted to the 785 genes), each spot's composition is its fraction of "
         "cells per type, and it is compared with the original study's stereoscope proportions (not cell truth) by "
         "Spearman across the held-out spots, per type. **Equal split**: every cell of a spot gets the spot's "

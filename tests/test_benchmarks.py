@@ -786,7 +786,89 @@ def test_features_markdown_compares_each_arm_with_crop_and_states_the_targets():
     assert "| bitro | tile + context | 0.180 ± 0.010 |" in md
     assert "*tile*: 0.130 normalised PCC_gene, 0.87 × crop's 0.150 (higher than crop on 0 of 3" in md
     assert "it does **not** reach the issue's 0.95 × crop" in md
-    assert "*tile + context*: 0.180 normalised PCC_gene, 1.20 × crop's 0.150 (higher than crop on 3 of 3" in md
+    assert (
+        "*tile + context*: 0.180 normalised PCC_gene, 1.20 × crop's 0.150 (higher than crop on 3 of 3" in md
+    )
     assert "tile + context embeds 400 cells/s on the in-spot cells against crop's 20 (20.0 ×" in md
     assert "on whole sections (every nucleus, dense tiles) tile (all cells" in md
     assert "Best arm: *crop + context* at 0.200; the issue's target of 0.18 normalised PCC_gene is met." in md
+
+
+def test_components_reuse_matches_rows_by_effective_network_after_a_default_change(tmp_path, monkeypatch):
+    """Old "neither GAT nor Transformer" rows become today's "default" when the default drops the trunk."""
+    import benchmarks.accuracy as acc
+    from benchmarks import components as comp
+
+    now = acc.bitro_defaults()
+    old_defaults = json.loads(json.dumps(now, default=str))
+    old_defaults["network"] |= {"use_gat": True, "use_transformer": True}  # the defaults of the old run
+    kw = {"max_epochs": 30}
+    old = {
+        "meta": {"quick": False, "git": {"commit": "abc"}},
+        "protocol": {
+            "fit_kwargs": kw,
+            "bitro_defaults": old_defaults,
+            "context_um": list(comp.PREPROCESS["context_um"]),
+            "variants": {
+                "default": {"config": {}, "options": {}},
+                "neither GAT nor Transformer": {
+                    "config": {"use_gat": False, "use_transformer": False},
+                    "options": {},
+                },
+                "no GAT": {"config": {"use_gat": False}, "options": {}},  # = today's "+ Transformer"
+            },
+        },
+        "rows": [
+            {"variant": v, "test": "C2", "seed": 0, "metric": "pcc_gene", "scale": "raw", "value": i / 10}
+            for i, v in enumerate(("default", "neither GAT nor Transformer", "no GAT"))
+        ],
+    }
+    (tmp_path / "components.json").write_text(json.dumps(old, default=str))
+    monkeypatch.setattr(comp, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(acc, "bitro_defaults", lambda: json.loads(json.dumps(now, default=str)))
+    got = comp._reusable(kw)
+    assert now["network"]["use_gat"] is False  # the premise: today's default has no trunk
+    values = {k[0]: rows[0]["value"] for k, rows in got.items()}
+    assert values == {"+ GAT and Transformer (paper trunk)": 0.0, "default": 0.1, "+ Transformer": 0.2}
+    assert all(rows[0]["reused_from"] == "abc" for rows in got.values())
+    assert comp._reusable({"max_epochs": 3}) == {}  # other training settings: nothing reused
+
+
+def test_cells_reuse_keeps_only_variants_of_the_same_network(tmp_path, monkeypatch):
+    from benchmarks import _common, cells
+
+    p, mode = cells.FULL, "full"
+    proto = {
+        **p,
+        "mode": mode,
+        "network": cells.NETWORK,
+        "fit": cells.FIT,
+        "layouts": {k: {**v, "size": v["size"][mode]} for k, v in cells.LAYOUTS.items()},
+        "variants": {
+            "attention": {"config": {"head": "attention"}, "setup": {"loss": "mse"}},  # trunk implicit then
+            "cell_counts + skip, mse": {
+                "config": {"head": "cell_counts", "skip": False},
+                "setup": {"loss": "mse"},
+            },
+        },
+    }
+    recs = [
+        {"fold": 0, "seed": 0, "method": m, "kind": "bitro"} for m in ("attention", "cell_counts + skip, mse")
+    ] + [{"fold": 0, "seed": None, "method": cells.ORACLE_EQUAL, "kind": "oracle"}]
+    old = {"meta": {"git": {"commit": "abc"}}, "protocol": proto, "layouts": {"her2st": {"records": recs}}}
+    (tmp_path / "cells.json").write_text(json.dumps(old))
+    monkeypatch.setattr(_common, "RESULTS_DIR", tmp_path)
+    got = cells._reusable("her2st", p, mode)
+    # "attention" had the trunk implicitly and still names it; the second changed its skip: refitted
+    assert list(got) == [(0, 0, "attention")] and got[(0, 0, "attention")]["reused_from"] == "abc"
+    assert cells._reusable("her2st", {**p, "max_epochs": 1}, mode) == {}
+    monkeypatch.setenv(cells.ENV_VARIANTS, "attention; nope")
+    with pytest.raises(ValueError, match="unknown variant"):
+        cells._to_fit()
+
+
+def test_an_empty_result_never_replaces_a_stored_one(tmp_path):
+    common.write_result("x", {"name": "x", "meta": {"a": 1}}, results_dir=tmp_path)
+    with pytest.raises(ValueError, match="nothing measured"):
+        common.write_result("x", {}, results_dir=tmp_path)
+    assert json.loads((tmp_path / "x.json").read_text())["meta"] == {"a": 1}

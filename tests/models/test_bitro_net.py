@@ -9,8 +9,10 @@ from torch_geometric.utils import scatter
 
 from bitro.models import BiTroConfig, BiTroNet, pseudo_cell_expression
 
-SMALL = {  # the paper's gene-query attention head (the count head: test_count_head.py)
+SMALL = {  # the paper's network: gene-query attention head on the GAT + Transformer trunk
     "head": "attention",
+    "use_gat": True,
+    "use_transformer": True,
     "in_dim": 6,
     "hidden_dim": 8,
     "gat_heads": 2,

@@ -17,6 +17,8 @@ SMALL = {
     "ffn_dim": 16,
     "pos_bins": 8,
     "head": "attention",
+    "use_gat": True,  # the paper's trunk: LoRA wraps its layers too
+    "use_transformer": True,
 }
 
 

@@ -16,12 +16,16 @@ from bitro.tl._levels import get_level
 CHUNK = 60  # toy slides hold ~500 cells in bags of 3-25 cells → about 9 chunks
 
 
+#: the paper's trunk: its GAT, Transformer (context cells) and dropout must survive chunking too
+TRUNK = {"use_gat": True, "use_transformer": True}
+
+
 def _bulk_model(slides, context_um=None, **config) -> BiTroModel:
     return BiTroModel(
         slides,
         level="bulk",
         genes=GENES,
-        config={**SMALL, **config},
+        config={**SMALL, **TRUNK, **config},
         n_components=8,
         n_phenotypes=4,
         seed=0,
@@ -68,9 +72,13 @@ def test_chunk_bags_packs_consecutive_bags():
     assert [c.tolist() for c in chunk_bags(sizes, 100)] == [[0, 1, 2, 3, 4]]
 
 
-@pytest.mark.parametrize(("cluster_weight", "context_um"), [(0.0, None), (1.0, None), (1.0, 120.0)])
-def test_chunked_loss_and_gradients_equal_one_pass(toy_bulk_slides, cluster_weight, context_um):
-    model = _bulk_model(toy_bulk_slides[:2], context_um=context_um)
+@pytest.mark.parametrize(
+    ("cluster_weight", "context_um", "trunk"),
+    [(0.0, None, True), (1.0, None, True), (1.0, 120.0, True), (1.0, None, False)],
+)
+def test_chunked_loss_and_gradients_equal_one_pass(toy_bulk_slides, cluster_weight, context_um, trunk):
+    network = {} if trunk else {"use_gat": False, "use_transformer": False}  # False: the default network
+    model = _bulk_model(toy_bulk_slides[:2], context_um=context_um, **network)
     idx = np.flatnonzero(model.train_bags.bag_slide == 0)
     if context_um:  # context cells count towards the chunk
         assert (bag_tokens(model.train_bags, idx) > model.train_bags.n_cells[idx]).any()
@@ -79,7 +87,7 @@ def test_chunked_loss_and_gradients_equal_one_pass(toy_bulk_slides, cluster_weig
     full, g_full = _loss_and_grads(model, None, cluster_weight=cluster_weight)
     chunked, g_chunk = _loss_and_grads(model, CHUNK, cluster_weight=cluster_weight)
     assert chunked == pytest.approx(full, rel=1e-5)
-    assert g_full.keys() == g_chunk.keys() and len(g_full) > 10
+    assert g_full.keys() == g_chunk.keys() and len(g_full) > 5
     for name, g in g_full.items():
         torch.testing.assert_close(g_chunk[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -149,7 +157,13 @@ def test_bad_max_cells_per_step(toy_bulk_slides, bad):
 def test_chunked_bulk_training_resumes_exactly(toy_bulk_slides, tmp_path):
     """Interrupted after 2 of 4 epochs and resumed from its checkpoint = an uninterrupted seeded run."""
     slides = toy_bulk_slides[:3]
-    kw = {"lr": 1e-3, "validation_fraction": 0.0, "device": "cpu", "max_cells_per_step": CHUNK, "patience": 50}
+    kw = {
+        "lr": 1e-3,
+        "validation_fraction": 0.0,
+        "device": "cpu",
+        "max_cells_per_step": CHUNK,
+        "patience": 50,
+    }
     full = _bulk_model(slides, dropout=0.2)
     full.train(max_epochs=4, checkpoint_dir=tmp_path / "full", **kw)
     cut = _bulk_model(slides, dropout=0.2)

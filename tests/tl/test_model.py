@@ -11,10 +11,18 @@ from bitro.tl import BiTroModel
 from bitro.tl._cv import light_copy
 
 
-def _fit(slides, **kw):
+def _fit(slides, config=None, **kw):
     kw.setdefault("max_epochs", 25)
     return bt.tl.fit(
-        slides, genes=GENES, config=SMALL, n_components=8, n_phenotypes=3, lr=3e-3, batch_size=8, seed=0, **kw
+        slides,
+        genes=GENES,
+        config={**SMALL, **(config or {})},
+        n_components=8,
+        n_phenotypes=3,
+        lr=3e-3,
+        batch_size=8,
+        seed=0,
+        **kw,
     )
 
 
@@ -227,7 +235,9 @@ def test_bulk_fit_and_transfer(toy_bulk_slides):
     from bitro.models import lora_trainable_summary
 
     summary = lora_trainable_summary(spot.net)
-    assert summary["lora"] > 0 and summary["frozen"] > summary["trainable"]
+    trainable = [n for n, p in spot.net.named_parameters() if p.requires_grad]
+    assert summary["lora"] > 0 and summary["frozen"] > 0
+    assert all("lora_" in n or n.startswith("head.") for n in trainable)  # only adapters and the gene head
     test2 = light_copy(toy_bulk_slides[3])
     spot.predict(test2)
     assert np.isfinite(test2["spots"].layers["bitro"]).all()
@@ -281,7 +291,9 @@ def test_resume_from_checkpoint_is_exact(tmp_path, toy_slides):
 def test_context_ring(tmp_path, toy_slides):
     from bitro.tl._data import collate
 
-    model = _fit(toy_slides[:2], max_epochs=2, context_um=120.0)
+    with pytest.raises(ValueError, match="only the Transformer"):  # the default network has none
+        _fit(toy_slides[:2], max_epochs=2, context_um=120.0)
+    model = _fit(toy_slides[:2], max_epochs=2, context_um=120.0, config={"use_transformer": True})
     bags = model.train_bags
     assert bags.ctx_ptr is not None and bags.ctx_ptr[-1] > 0
     # context cells are outside their bag but within radius + ring of its centre

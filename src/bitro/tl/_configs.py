@@ -183,7 +183,8 @@ class SetupConfig(_Options):
         Neighbours per cell in the within-bag kNN graph (paper: 8).
     context_um
         Let the Transformer also see the cells within this distance around each bag as extra
-        keys/values (not pooled by the gene head); ``None``: off.
+        keys/values (not pooled by the gene head); ``None``: off. Needs a network with a Transformer
+        (``config={"use_transformer": True}``; the default has none).
     seed
         Seed of the PCA, k-means, initialisation, splits and batches; ``None``: ``bt.settings.seed``.
     spots_key, cells_key, patches_key, bulk_key

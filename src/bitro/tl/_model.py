@@ -103,6 +103,13 @@ class BiTroModel:
             phenotypes=phenotypes,
             source_transform=source_transform,
         )
+        if setup.context_um is not None and not self.state.net_config.use_transformer:
+            msg = (
+                f"context_um={setup.context_um} adds context cells around each bag, which only the Transformer "
+                "reads, and the network has none (the default since 0.2). Pass config={'use_transformer': True} "
+                "or drop context_um."
+            )
+            raise ValueError(msg)
         self.net = _build_net(self.state.net_config, setup.seed)
         if self.state.net_config.head == "cell_counts":  # start every gene at the data's level
             from bitro.tl._setup import initial_log_counts
