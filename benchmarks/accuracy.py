@@ -275,7 +275,7 @@ def bitro_defaults() -> dict[str, Any]:
     Stored fits are reused only when these are unchanged (a changed default head, loss or
     preprocessing recipe means every bitro fit is redone).
     """
-    from dataclasses import asdict
+    from dataclasses import asdict, fields
 
     from benchmarks._common import PREPROCESS, cache_key
 
@@ -283,7 +283,8 @@ def bitro_defaults() -> dict[str, Any]:
     from bitro.tl import SetupConfig
 
     return {
-        "network": {k: v for k, v in asdict(BiTroConfig(n_genes=1)).items() if k != "n_genes"},
+        # the declared defaults, unresolved: an automatic field (skip=None) stays None
+        "network": {f.name: f.default for f in fields(BiTroConfig) if f.name != "n_genes"},
         "setup": {k: v for k, v in asdict(SetupConfig()).items() if not callable(v)},
         "cache": cache_key("C2", ENCODERS, "tile", SETTINGS["window"]),
         "preprocess": PREPROCESS,

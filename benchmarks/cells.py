@@ -89,6 +89,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"head": "cell_counts", "skip": True, **_NO_TRUNK},
         {"loss": "mse"},
     ),
+    "cell_counts, mse, no GAT/Transformer, no skip": (
+        {"head": "cell_counts", "skip": False, **_NO_TRUNK},
+        {"loss": "mse"},
+    ),
 }
 #: The trunk every variant had before variants named it (bitro's defaults then): used to match the
 #: records of an earlier result file to today's variants.

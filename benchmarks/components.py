@@ -42,12 +42,12 @@ _PAPER_TRUNK = {"use_gat": True, "use_transformer": True}
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": ({}, {}),
     "attention head (paper)": ({"head": "attention", **_PAPER_TRUNK}, {}),
-    "no skip": ({"skip": False}, {}),
+    "+ skip": ({"skip": True}, {}),
     "poisson loss": ({}, {"loss": "poisson"}),
     "+ GAT": ({"use_gat": True}, {}),
     "+ Transformer": ({"use_transformer": True}, {}),
     "+ GAT and Transformer (paper trunk)": (dict(_PAPER_TRUNK), {}),
-    "attention head (paper), mean pooling": ({"head": "attention", "pooling": "mean", **_PAPER_TRUNK}, {}),
+    "attention head (paper) with mean pooling": ({"head": "attention", "pooling": "mean", **_PAPER_TRUNK}, {}),
     "raw-count targets": ({}, {"target": "raw"}),
 }
 
@@ -60,7 +60,12 @@ def _plan(quick: bool) -> tuple[list[int], list[int], list[str]]:
     folds = [0] if quick else list(range(len(SECTIONS)))
     seeds = [0] if quick else [int(s) for s in os.environ.get("BITRO_COMPONENTS_SEEDS", "0,1,2").split(",")]
     names = os.environ.get("BITRO_COMPONENTS_VARIANTS")
-    variants = [v for v in VARIANTS if names is None or v in names.split(",")]
+    chosen = None if names is None else [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen or [] if n not in VARIANTS]
+    if unknown:  # a typo (or a name split at a comma) would silently drop a variant
+        msg = f"BITRO_COMPONENTS_VARIANTS: unknown variant(s) {unknown}; choose from {list(VARIANTS)}."
+        raise ValueError(msg)
+    variants = [v for v in VARIANTS if chosen is None or v in chosen]
     if "default" not in variants:
         variants.insert(0, "default")
     return folds, seeds, variants
@@ -71,6 +76,8 @@ def _effective(defaults: dict[str, Any], config: dict[str, Any], opts: dict[str,
     import json
 
     network = {**defaults.get("network", {}), **config}
+    if network.get("skip", False) is None:  # automatic: on exactly when there is a trunk
+        network["skip"] = bool(network.get("use_gat") or network.get("use_transformer"))
     setup = {**defaults.get("setup", {}), **opts}
     rest = {k: v for k, v in defaults.items() if k not in ("network", "setup")}
     return json.dumps({"network": network, "setup": setup, **rest}, sort_keys=True, default=str)

@@ -872,3 +872,14 @@ def test_an_empty_result_never_replaces_a_stored_one(tmp_path):
     with pytest.raises(ValueError, match="nothing measured"):
         common.write_result("x", {}, results_dir=tmp_path)
     assert json.loads((tmp_path / "x.json").read_text())["meta"] == {"a": 1}
+
+
+def test_components_variant_names_can_be_chosen_by_name(monkeypatch):
+    from benchmarks import components as comp
+
+    assert not [v for v in comp.VARIANTS if "," in v]  # the environment list is comma-separated
+    monkeypatch.setenv("BITRO_COMPONENTS_VARIANTS", "+ GAT, + skip")
+    assert comp._plan(False)[2] == ["default", "+ skip", "+ GAT"]
+    monkeypatch.setenv("BITRO_COMPONENTS_VARIANTS", "no such variant")
+    with pytest.raises(ValueError, match="unknown variant"):
+        comp._plan(False)

@@ -51,7 +51,7 @@ def test_set_log_scale_starts_every_gene_there_and_large_values_stay_finite():
 def test_network_with_the_count_head_and_gene_transfer():
     torch.manual_seed(0)
     cfg = BiTroConfig(
-        n_genes=4, in_dim=6, hidden_dim=8, ffn_dim=16, readout_hidden=8, pos_bins=4, head="cell_counts"
+        n_genes=4, in_dim=6, hidden_dim=8, ffn_dim=16, readout_hidden=8, pos_bins=4, head="cell_counts", skip=True
     )
     net = BiTroNet(cfg)
     x = torch.randn(7, 6)
@@ -67,3 +67,17 @@ def test_network_with_the_count_head_and_gene_transfer():
     assert "head='cell_counts', skip" in repr(net)
     with pytest.raises(ValueError, match="head must be one of"):
         BiTroConfig(n_genes=2, head="sum")
+
+
+def test_the_skip_follows_the_trunk_unless_set():
+    small = {"n_genes": 2, "in_dim": 6, "hidden_dim": 8, "ffn_dim": 16, "pos_bins": 4}
+    assert BiTroConfig(**small).skip is False  # no trunk: the head already reads each cell's own features
+    assert BiTroConfig(**small, use_gat=True).skip is True
+    assert BiTroConfig(**small, use_transformer=True, skip=False).skip is False
+    assert BiTroNet(BiTroConfig(**small)).head.skip is None
+    cfg = BiTroConfig(**small)
+    assert cfg.replace(use_transformer=True).skip is True  # an automatic skip follows the new trunk
+    assert BiTroConfig(**small, skip=True).replace(hidden_dim=16).skip is True  # an explicit one stays
+    assert BiTroConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="skip must be True or False"):
+        BiTroConfig(**small, skip="yes")
