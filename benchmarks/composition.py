@@ -85,6 +85,14 @@ def heads() -> list[tuple[str, dict[str, Any] | None]]:
     ]
 
 
+def _is_default(config: dict[str, Any] | None) -> bool:
+    """Whether a head's config is bitro's default network (whose spots give the equal split)."""
+    from bitro.models import BiTroConfig
+
+    net = BiTroConfig(n_genes=1)
+    return all(getattr(net, k) == v for k, v in (config or {}).items())
+
+
 def _model_run(head: str) -> str:
     return f"bitro ({head} head) cells"
 
@@ -260,7 +268,7 @@ def run_fold(
         bt.tl.type_cells(test)
         bt.tl.spot_composition(test)
         comps[_model_run(head)] = test["spots"].obsm["marker_composition"]
-        if head == heads()[0][0]:  # the attention model's spots: equal split and spot marker score
+        if _is_default(config):  # the default model's own spots: equal split and spot marker score
             comps[EQUAL] = equal_split_composition(test, model_genes)
             pred = test["spots"][:, model_genes].layers["bitro"]
             ok = np.isfinite(pred).all(axis=1)
@@ -406,13 +414,13 @@ def markdown(res: dict[str, Any]) -> str:
         "Cells are typed by literature marker genes of the 8 major types (`bt.tl.type_cells`, markers in "
         "`bitro.tl._composition.MARKERS` restricted to the 785 genes), each spot's composition is its fraction of "
         "cells per type, and it is compared with the original study's stereoscope proportions (not cell truth) by "
-        "Spearman across the held-out spots, per type. **Equal split**: every cell of a spot gets the spot's "
-        "predicted profile, hence one type per spot (a one-hot composition; it cannot produce mixtures). "
+        "Spearman across the held-out spots, per type. **Equal split**: every cell of a spot gets the default model's "
+        "predicted profile of the spot, hence one type per spot (a one-hot composition; it cannot produce mixtures). "
         f"**Morphology phenotypes**: k-means ({p['n_phenotypes']} phenotypes) of the training cells' nuclear "
         "morphology features, mapped to types by non-negative least squares of the training spots' proportions on "
         "their phenotype fractions; cells take their phenotype's most likely type (*cells*), or spots take the "
         "fitted mixture (*expected composition*). **Spot marker score**: the spot's marker scores from its observed "
-        "counts or bitro's predicted spot, softmax over types — needs no cells. Values: Spearman, mean ± sd over "
+        "counts or the default model's predicted spot, softmax over types — needs no cells. Values: Spearman, mean ± sd over "
         "held-out sections; NaN when a method gives a type to no spot or to every spot. *mixtures*: share of spots "
         "with more than one type; *> equal split*: types where the mean Spearman exceeds the equal split's "
         "(NaN counted as 0).",
