@@ -58,6 +58,14 @@ PREPROCESS = {
 }
 
 
+def is_default_network(config: dict[str, Any] | None) -> bool:
+    """Whether every field ``config`` sets equals bitro's default network (``BiTroConfig``)."""
+    from bitro.models import BiTroConfig
+
+    net = BiTroConfig(n_genes=1)
+    return all(getattr(net, k) == v for k, v in (config or {}).items())
+
+
 def features_label(context_um: Any = None) -> str:
     """How the cached cells are described: EfficientNet-Lite0 tile features (+ their context windows)."""
     ctx = PREPROCESS["context_um"] if context_um is None else context_um

@@ -385,12 +385,13 @@ def _folds(n_slides: int, how: str) -> list[int]:
 
 def default_variant() -> str | None:
     """The variant that is bitro's default network and loss (``None`` when no variant is)."""
-    from bitro.models import BiTroConfig
+    from benchmarks._common import is_default_network
+
     from bitro.tl import SetupConfig
 
-    net, loss = BiTroConfig(n_genes=1), SetupConfig().loss
+    loss = SetupConfig().loss
     for name, (config, opts) in VARIANTS.items():
-        if all(getattr(net, k) == v for k, v in config.items()) and opts.get("loss", loss) == loss:
+        if is_default_network(config) and opts.get("loss", loss) == loss:
             return name
     return None
 

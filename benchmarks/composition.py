@@ -44,6 +44,7 @@ from benchmarks._common import (
     SETTINGS,
     cached_section,
     features_label,
+    is_default_network,
     kit_genes,
     md_table,
     metadata,
@@ -83,14 +84,6 @@ def heads() -> list[tuple[str, dict[str, Any] | None]]:
         ("cell_counts + trunk", {"head": "cell_counts", **trunk}),
         ("cell_counts", {"head": "cell_counts", "use_gat": False, "use_transformer": False}),
     ]
-
-
-def _is_default(config: dict[str, Any] | None) -> bool:
-    """Whether a head's config is bitro's default network (whose spots give the equal split)."""
-    from bitro.models import BiTroConfig
-
-    net = BiTroConfig(n_genes=1)
-    return all(getattr(net, k) == v for k, v in (config or {}).items())
 
 
 def _model_run(head: str) -> str:
@@ -268,7 +261,7 @@ def run_fold(
         bt.tl.type_cells(test)
         bt.tl.spot_composition(test)
         comps[_model_run(head)] = test["spots"].obsm["marker_composition"]
-        if _is_default(config):  # the default model's own spots: equal split and spot marker score
+        if is_default_network(config):  # the default model's own spots: equal split and spot marker score
             comps[EQUAL] = equal_split_composition(test, model_genes)
             pred = test["spots"][:, model_genes].layers["bitro"]
             ok = np.isfinite(pred).all(axis=1)
