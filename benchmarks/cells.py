@@ -3,6 +3,9 @@
 Protocol. Two layouts of ``bt.datasets.synthetic_tissue`` whose spots are exact sums of known cells
 (``cells_truth``): a HER2ST-like legacy ST layout (100 µm spots on a 200 µm grid, about 24 cells of 4
 types per spot) and a Visium-like layout with mixed-type spots (55 µm spots, about 8 cells of 3 types).
+The slides of a layout differ in cell-type composition (``composition_sd=0.7``: each type's share of a slide
+varies about twofold, as between patients), so a held-out slide's bulk deviates from the training mean in a
+way its image shows.
 The true nuclei are embedded with the ``morphology`` encoder, so cell identity is exact. Each slide is
 held out once (trained on the others) and each fold is run with several seeds (network initialisation,
 validation split and batches; the slides stay the same). Every model predicts the held-out slide and is
@@ -58,6 +61,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "technology": "ST",
         "domain_size_um": 110.0,
         "mixing": 0.2,
+        "composition_sd": 0.7,
         "size": {"quick": 2400, "full": 3000},
     },
     "visium_mixed": {
@@ -65,6 +69,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "technology": "visium",
         "domain_size_um": 110.0,
         "mixing": 0.3,
+        "composition_sd": 0.7,
         "size": {"quick": 1200, "full": 2000},
     },
 }
@@ -822,7 +827,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"### {spec['label']}",
             "",
             f"{spec['technology']}, {spec['size']} px slides, domain size {spec['domain_size_um']:g} µm, mixing "
-            f"{spec['mixing']:g}: {lay['cells_per_spot']} cells and {lay['types_per_spot']} types per spot "
+            f"{spec['mixing']:g}, slide composition sd {spec.get('composition_sd', 0.0):g}: {lay['cells_per_spot']} cells and {lay['types_per_spot']} types per spot "
             f"(dominant type {lay['dominant_type_share']:.0%} of a spot's cells), {lay['n_spots']} spots, "
             f"{lay['n_cells_truth']} true cells per slide; {lay['seconds']:.0f} s.",
             "",

@@ -25,6 +25,7 @@ from benchmarks._common import (
     PREPROCESS,
     RESULTS_DIR,
     SECTIONS,
+    SETTINGS,
     features_label,
     kit_genes,
     md_table,
@@ -37,6 +38,10 @@ from bitro._logging import logger
 NAME = "components"
 SEEDS = (0, 1, 2)
 METRICS = ("pcc_gene", "pcc_gene_top50_var", "pcc_overall")
+#: Benchmark-only option of a variant (not passed to ``bt.tl.fit``): train on the training sections plus
+#: their augmented copies, ``benchmarks.shift.AUGMENTS`` (×0.8 and ×1.2 with a mild stain jitter), each
+#: copy preprocessed like a section and cached; never a copy of the held-out section.
+AUGMENT_OPTION = "augmented_copies"
 #: variant -> (network config changes, setup/train option changes); "default" is BiTro's defaults.
 _PAPER_TRUNK = {"use_gat": True, "use_transformer": True}
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -47,8 +52,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "+ GAT": ({"use_gat": True}, {}),
     "+ Transformer": ({"use_transformer": True}, {}),
     "+ GAT and Transformer (paper trunk)": (dict(_PAPER_TRUNK), {}),
-    "attention head (paper) with mean pooling": ({"head": "attention", "pooling": "mean", **_PAPER_TRUNK}, {}),
+    "attention head (paper) with mean pooling": (
+        {"head": "attention", "pooling": "mean", **_PAPER_TRUNK},
+        {},
+    ),
     "raw-count targets": ({}, {"target": "raw"}),
+    # a data variant: the training sections plus augmented copies of each (the shift benchmark's recipe)
+    "+ augmented copies (×0.8 and ×1.2 with stain jitter)": ({}, {AUGMENT_OPTION: True}),
 }
 
 
@@ -149,6 +159,7 @@ def run(quick: bool) -> dict[str, Any]:
     for f in folds:
         test_name = names[f]
         train = [sections[n] for n in names if n != test_name]
+        copies = None  # the fold's augmented copies, loaded when a variant first needs them, dropped after
         for seed in seeds:
             for variant in variants:
                 if (variant, test_name, seed) in reused:
@@ -160,9 +171,15 @@ def run(quick: bool) -> dict[str, Any]:
                                       "reused": True})  # fmt: skip
                     continue
                 config, opts = VARIANTS[variant]
+                slides = train
+                if opts.get(AUGMENT_OPTION):
+                    if copies is None:
+                        copies = fold_copies(names, test_name, quick)
+                    slides = [*train, *copies]
+                fit_opts = {k: v for k, v in opts.items() if k != AUGMENT_OPTION}
                 t = time.perf_counter()
                 model = bt.tl.fit(
-                    train, genes=genes, config=config or None, seed=seed, device="cpu", **{**kw, **opts}
+                    slides, genes=genes, config=config or None, seed=seed, device="cpu", **{**kw, **fit_opts}
                 )
                 fit_s = time.perf_counter() - t
                 test = light_copy(sections[test_name])
@@ -179,6 +196,18 @@ def run(quick: bool) -> dict[str, Any]:
                     write_result(NAME, out)
     # every row may have been reused (nothing fitted): the result is still the whole table
     return _result(quick, t0, names, folds, seeds, variants, kw, genes, rows, times)
+
+
+def fold_copies(names: list[str], test_name: str, quick: bool) -> list[Any]:
+    """Augmented copies of a fold's training sections (cached; never a copy of the held-out section)."""
+    from benchmarks.accuracy import QUICK_WINDOW
+    from benchmarks.shift import AUGMENTS, augmented_section, training_copies
+
+    window = QUICK_WINDOW if quick else SETTINGS["window"]
+    augmented = {
+        n: [augmented_section(n, i, window) for i in range(len(AUGMENTS))] for n in names if n != test_name
+    }
+    return training_copies(augmented, test_name)
 
 
 def _defaults() -> dict[str, Any]:

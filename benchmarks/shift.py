@@ -24,6 +24,8 @@ number. Two more bitro models test training-time augmentation (issue 18, item 3)
 trained on the training windows plus copies of each at ×0.8 and ×1.2 with a mild stain jitter
 (``bt.pp.augment_slide``, preprocessed like every section and cached; never a copy of the held-out
 section), and "bitro, repeated", its control, on the training windows repeated as often, unchanged.
+Both keep the copies of an early-stopping validation spot out of training (``bt.tl.fit`` draws
+validation spots by source spot).
 All are scored against the same truth with ``bt.tl.evaluate`` (PCC_gene on library-size
 normalised and on raw-count log1p; spots with at least one nucleus).
 
@@ -222,7 +224,12 @@ def training_copies(augmented: dict[str, list[Any]], test_name: str) -> list[Any
 
 
 def repeated_copies(train: list[Any], n: int) -> list[Any]:
-    """``n`` plain copies of every training window under new sample ids: the control of augmentation."""
+    """``n`` plain copies of every training window under new sample ids: the control of augmentation.
+
+    Each copy names its source the way ``bt.pp.augment_slide`` does, so the validation split treats it
+    like an augmented copy (a validation spot's copies stay out of training).
+    """
+    from bitro import _keys as K
     from bitro.tl._cv import light_copy
 
     out = []
@@ -230,7 +237,9 @@ def repeated_copies(train: list[Any], n: int) -> list[Any]:
         for tables in train:
             copy = light_copy(tables)
             scale = dict(copy.attrs["bitro_scale"])
-            copy.attrs["bitro_scale"] = {**scale, "sample_id": f"{scale['sample_id']}_repeat{i}"}
+            sample_id = f"{scale['sample_id']}_repeat{i}"
+            copy.attrs["bitro_scale"] = {**scale, "sample_id": sample_id}
+            copy.attrs[K.AUGMENT] = [{"source_sample_id": scale["sample_id"], "sample_id": sample_id}]
             out.append(copy)
     return out
 
@@ -679,10 +688,10 @@ def _augment_protocol(p: dict[str, Any], models: list[str]) -> list[str]:
         f"copies of each (`bt.pp.augment_slide`: {copies}; every copy draws its own stain factors, "
         "seeds in the result's protocol), each copy preprocessed again exactly like a section. Only the "
         "training windows of a fold are augmented, never the held-out one. Early-stopping validation spots "
-        "are drawn from all training slides, copies included."
+        "are drawn by source spot: a validation spot's copies are validation spots too, never training spots."
         + (
             f" **{REPEATED}** is its control: the training windows repeated as often, unchanged (the same "
-            "number of spots per epoch and the same validation leak, no augmentation)."
+            "number of spots per epoch and the same validation split, no augmentation)."
             if REPEATED in models
             else ""
         ),

@@ -37,6 +37,9 @@ MPP = "mpp"  # microns per level-0 pixel
 SPOT_DIAMETER_UM = "spot_diameter_um"
 SPOT_SPACING_UM = "spot_spacing_um"
 
+# Provenance of an augmented copy (bt.pp.augment_slide): a list of records in sdata.attrs and tables' .uns
+AUGMENT = "bitro_augment"
+
 SHAPES_SUFFIX = "_shapes"
 
 # Default methods chosen by the benchmarks (docs/benchmarks.md)

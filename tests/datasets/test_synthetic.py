@@ -268,6 +268,9 @@ def test_validates_and_round_trips(slide, tmp_path):
         ({"mixing": "high"}, "mixing"),
         ({"domain_size_um": 5.0}, "domain_size_um"),
         ({"domain_size_um": True}, "domain_size_um"),
+        ({"composition_sd": -0.5}, "composition_sd"),
+        ({"composition_sd": 4.0}, "composition_sd"),
+        ({"composition_sd": "wide"}, "composition_sd"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -333,3 +336,26 @@ def test_default_knobs_are_recorded_and_change_nothing():
     assert not np.array_equal(
         default["cells_truth"].obs["cell_type"].to_numpy(), other["cells_truth"].obs["cell_type"].to_numpy()
     )
+
+
+def _type_shares(sdata) -> pd.Series:
+    return sdata["cells_truth"].obs["cell_type"].value_counts(normalize=True).sort_index()
+
+
+def test_composition_sd_moves_each_slides_type_shares_with_its_weights():
+    kw = {"size": 800, "n_genes": 10, "seed": 5}
+    same = synthetic_tissue(2, **kw)
+    plain = synthetic_tissue(2, composition_sd=0.0, **kw)
+    shifted = synthetic_tissue(2, composition_sd=1.5, **kw)
+    for a, b in zip(same, plain):  # 0 draws nothing: the slides are the ones without the knob
+        assert np.array_equal(np.asarray(a["he"]), np.asarray(b["he"]))
+        assert a.attrs["bitro_synthetic"]["type_weights"] == [1.0] * 5
+    for base, slide in zip(plain, shifted):
+        weights = np.log(slide.attrs["bitro_synthetic"]["type_weights"])
+        assert slide.attrs["bitro_synthetic"]["params"]["composition_sd"] == 1.5
+        assert weights.std() > 0.3
+        # a type weighted up takes a larger share of the slide than it has on the same layout without weights
+        change = np.log(_type_shares(slide) + 1e-3) - np.log(_type_shares(base) + 1e-3)
+        assert np.corrcoef(weights, change.to_numpy())[0, 1] > 0.7
+        # appearance and expression of the types are shared: only the composition moves
+        assert slide.attrs["bitro_synthetic"]["markers"] == base.attrs["bitro_synthetic"]["markers"]

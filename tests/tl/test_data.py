@@ -102,3 +102,46 @@ def test_target_transform_without_zscore(rng):
     assert again.zscore is False
     with pytest.raises(ValueError, match="zscore"):
         TargetTransform.fit(counts, list("ABCDEF"), zscore="no")
+
+
+def test_validation_keeps_the_copies_of_a_validation_spot_out_of_training(toy_slides):
+    from types import SimpleNamespace
+
+    from bitro.tl._cv import light_copy
+    from bitro.tl._levels import get_level
+
+    original, other = toy_slides[0], toy_slides[1]
+    source = original.attrs["bitro_scale"]["sample_id"]
+    copies = []
+    for i in range(2):  # what bt.pp.augment_slide records on a copy: its own sample id, and its source
+        copy = light_copy(original)
+        copy.attrs["bitro_scale"] = {**copy.attrs["bitro_scale"], "sample_id": f"{source}_aug{i}"}
+        copy.attrs["bitro_augment"] = [{"source_sample_id": source, "sample_id": f"{source}_aug{i}"}]
+        copies.append(copy)
+    slides = [original, other, *copies]
+    feats = [s["cells"].obsm["X_bitro"] for s in slides]
+    bags, _ = build_bags(
+        slides,
+        features=feats,
+        phenotypes=[np.zeros(len(x), int) for x in feats],
+        units_key="spots",
+        bag_key="spot_id",
+    )
+    n0, n1 = (int((bags.bag_slide == s).sum()) for s in (0, 1))
+    # the copies' spots share the original's groups; the other slide's spots have groups of their own
+    for s in (2, 3):
+        np.testing.assert_array_equal(
+            bags.bag_group[bags.bag_slide == s], bags.bag_group[bags.bag_slide == 0]
+        )
+    assert len(np.unique(bags.bag_group)) == n0 + n1
+    train, val = get_level("spot").split(SimpleNamespace(bags=bags), 0.3, np.random.default_rng(0))
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == bags.n_bags
+    assert not set(bags.bag_group[train]) & set(bags.bag_group[val])
+    assert 0.2 < len(val) / bags.n_bags < 0.4
+    # without copies the split is the per-spot draw it always was
+    plain, _ = _bags(original)
+    t_plain, v_plain = get_level("spot").split(SimpleNamespace(bags=plain), 0.3, np.random.default_rng(0))
+    perm = np.random.default_rng(0).permutation(plain.n_bags)
+    n_val = round(0.3 * plain.n_bags)
+    np.testing.assert_array_equal(v_plain, np.sort(perm[:n_val]))
+    np.testing.assert_array_equal(t_plain, np.sort(perm[n_val:]))

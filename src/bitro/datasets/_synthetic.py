@@ -41,6 +41,8 @@ MPP_RANGE = (0.1, 2.0)
 MAX_CELL_TYPES = 12
 DOMAIN_SIZE_RANGE_UM = (20.0, 1000.0)
 """Valid correlation lengths (µm) of the cell-type domains."""
+COMPOSITION_SD_RANGE = (0.0, 3.0)
+"""Valid standard deviations of a slide's log cell-type weights."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def _spot_grid(
     return np.column_stack([x[inside], y[inside]]), ids
 
 
-def _check_mixing(domain_size_um: float, mixing: float) -> None:
+def _check_mixing(domain_size_um: float, mixing: float, composition_sd: float = 0.0) -> None:
     lo, hi = DOMAIN_SIZE_RANGE_UM
     number = (int, float, np.integer, np.floating)
     if (
@@ -156,6 +158,18 @@ def _check_mixing(domain_size_um: float, mixing: float) -> None:
         msg = (
             f"mixing must be a number in [0, 1] (share of cells whose type ignores the domains), got {mixing!r}; "
             f"0 gives pure domains, 1 no domains, {R.MIXING:g} is the default."
+        )
+        raise ValueError(msg)
+    lo, hi = COMPOSITION_SD_RANGE
+    if (
+        isinstance(composition_sd, bool)
+        or not isinstance(composition_sd, number)
+        or not lo <= composition_sd <= hi
+    ):
+        msg = (
+            f"composition_sd must be a number in [{lo:g}, {hi:g}] (standard deviation of each slide's log "
+            f"cell-type weights), got {composition_sd!r}; 0 (the default) gives every slide the same "
+            "expected composition, 0.7 about twofold differences between slides."
         )
         raise ValueError(msg)
 
@@ -206,6 +220,7 @@ def synthetic_tissue(
     mpp: float = 0.5,
     domain_size_um: float = R.DOMAIN_SIZE_UM,
     mixing: float = R.MIXING,
+    composition_sd: float = 0.0,
     seed: int | None = None,
 ) -> sd.SpatialData | list[sd.SpatialData]:
     """Generate synthetic H&E slides with ground-truth cells, spot counts and bulk profiles.
@@ -256,6 +271,14 @@ def synthetic_tissue(
         type's density); less mixing also sharpens the domain borders (softmax gain ``3 * sqrt(0.06 /
         mixing)`` over the domain fields). 0 gives pure domains (one type each, meeting at sharp
         borders), 1 no domains at all (types independent of position). Default 0.06.
+    composition_sd
+        How much the slides differ in cell-type composition, in [0, 3]: each slide draws one log weight
+        per type from a normal distribution with this standard deviation and multiplies the type
+        probabilities by the weights (``attrs["bitro_synthetic"]["type_weights"]``). 0 (the default) gives
+        every slide the same expected composition, so slides differ only by chance and by their spatial
+        programs; 0.7 lets a type's share of a slide vary about twofold, as tumour or immune content
+        varies between patients. This is what makes a slide's bulk deviate from the mean of others in a
+        way its image shows.
     seed
         Random seed (``None``: ``bt.settings.seed``).
 
@@ -288,7 +311,7 @@ def synthetic_tissue(
     ValueError
         For ``n_slides < 1``, an unknown technology, an image too small for one spot, ``mpp``
         outside [0.1, 2], ``n_cell_types`` outside 1–12, fewer genes than cell types,
-        ``domain_size_um`` outside [20, 1000] or ``mixing`` outside [0, 1].
+        ``domain_size_um`` outside [20, 1000], ``mixing`` outside [0, 1] or ``composition_sd`` outside [0, 3].
 
     Examples
     --------
@@ -296,9 +319,10 @@ def synthetic_tissue(
     >>> sdata = bt.datasets.synthetic_tissue(size=800, seed=0)
     >>> train = bt.datasets.synthetic_tissue(3, size=1200, technology="visium", seed=1)
     >>> mixed = bt.datasets.synthetic_tissue(size=1200, technology="visium", mixing=0.5, seed=1)
+    >>> cohort = bt.datasets.synthetic_tissue(4, size=1200, composition_sd=0.7, seed=2)
     """
     height, width, tech = _check_args(n_slides, size, technology, n_genes, n_cell_types, mpp)
-    _check_mixing(domain_size_um, mixing)
+    _check_mixing(domain_size_um, mixing, composition_sd)
     seed = resolve_seed(seed)
     root = np.random.SeedSequence(seed)
     shared_rng = np.random.default_rng(root.spawn(1)[0])
@@ -314,6 +338,7 @@ def synthetic_tissue(
         "mpp": float(mpp),
         "domain_size_um": float(domain_size_um),
         "mixing": float(mixing),
+        "composition_sd": float(composition_sd),
     }
     slides = [
         _make_slide(np.random.default_rng(ss), i, height, width, float(mpp), tech, styles, expr, params, seed)
@@ -349,6 +374,7 @@ def _make_slide(
         N_PROGRAMS,
         domain_size_um=params["domain_size_um"],
         mixing=params["mixing"],
+        composition_sd=params["composition_sd"],
     )
     nuclei = R.place_nuclei(rng, layout, styles)
     chromatin = R.chromatin_noise(rng, (height, width), mpp)
@@ -400,6 +426,7 @@ def _make_slide(
         "slide": int(index),
         "slide_id": slide_id,
         "cell_types": [s.name for s in styles],
+        "type_weights": [round(float(w), 4) for w in layout.type_weights],
         "markers": {k: list(v) for k, v in expr.markers.items()},
         "glass_fraction": round(layout.glass_fraction, 4),
         "stain_jitter": [round(v, 4) for v in jitter],

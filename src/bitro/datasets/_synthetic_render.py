@@ -181,6 +181,7 @@ class Layout:
     fibre_period_px: float
     programs: np.ndarray  # (n_programs, gh, gw) spatial expression programs (sd 1)
     glass_fraction: float
+    type_weights: np.ndarray  # (n_types,) the slide's composition weights (all 1 without composition_sd)
 
 
 def make_layout(
@@ -193,6 +194,7 @@ def make_layout(
     *,
     domain_size_um: float = DOMAIN_SIZE_UM,
     mixing: float = MIXING,
+    composition_sd: float = 0.0,
 ) -> Layout:
     """Draw the domain, tissue, fibre and expression-program fields of one slide.
 
@@ -200,7 +202,10 @@ def make_layout(
     probability at a point is ``(1 - mixing) * softmax(gain * scores) + mixing / T`` with
     ``gain = DOMAIN_SHARPNESS * sqrt(MIXING / mixing)``: ``mixing`` is the share of cells whose type is
     drawn regardless of the domain, and less mixing also makes the domains purer (at ``mixing = 0``
-    the type with the highest score takes the whole domain).
+    the type with the highest score takes the whole domain). With ``composition_sd > 0`` the slide
+    draws one log weight per type, normal with that standard deviation, after all other fields, and
+    the type probabilities everywhere are multiplied by the weights and renormalised: slides then
+    differ in their cell-type composition (at 0 nothing is drawn and the slide is unchanged).
     """
     grid = Grid(height, width, mpp)
     scores = np.stack([grid.field(rng, domain_size_um) for _ in styles])
@@ -222,6 +227,12 @@ def make_layout(
     period_px = 7.0 / mpp
     warp = grid.field(rng, 70.0) * float(rng.uniform(6.0, 12.0))
     programs = np.stack([grid.field(rng, 160.0) for _ in range(n_programs)]) if n_programs else np.zeros((0,))
+    type_weights = np.ones(len(styles))
+    # drawn last, so composition_sd = 0 leaves every other field of the slide as it was
+    if composition_sd > 0:
+        type_weights = np.exp(rng.normal(0.0, composition_sd, len(styles)))
+        prob = prob * type_weights[:, None, None]
+        prob /= prob.sum(axis=0, keepdims=True)
     return Layout(
         grid=grid,
         type_prob=prob,
@@ -231,6 +242,7 @@ def make_layout(
         fibre_period_px=period_px,
         programs=programs,
         glass_fraction=glass_fraction,
+        type_weights=type_weights,
     )
 
 

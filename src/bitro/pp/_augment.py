@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import spatialdata as sd
 
 #: Key of ``sdata.attrs`` (and of ``uns`` of the copy's tables) holding the augmentation records.
-AUGMENT_ATTRS_KEY = "bitro_augment"
+AUGMENT_ATTRS_KEY = K.AUGMENT
 
 
 def augment_slide(

@@ -56,6 +56,10 @@ class BagSet:
     ctx_features, ctx_pos, ctx_ptr
         Optional context cells around each bag (``context_um``): features ``(M, D)``, positions
         ``(M, 2)`` and offsets ``(B + 1,)``; the context of bag ``b`` is rows ``ctx_ptr[b]:ctx_ptr[b+1]``.
+    bag_group
+        ``(B,)`` int64 group of each bag, or ``None`` (every bag its own group): bags of augmented copies
+        of one slide (:func:`bitro.pp.augment_slide`) that show the same unit share a group with the
+        original, so a validation split can keep the copies of a validation spot out of training.
     """
 
     features: np.ndarray
@@ -73,6 +77,7 @@ class BagSet:
     ctx_features: np.ndarray | None = None
     ctx_pos: np.ndarray | None = None
     ctx_ptr: np.ndarray | None = None
+    bag_group: np.ndarray | None = None
 
     @property
     def n_bags(self) -> int:
@@ -118,6 +123,7 @@ class BagSet:
             targets=None if self.targets is None else self.targets[bags],
             counts=None if self.counts is None else self.counts[bags],
             slide_names=self.slide_names,
+            bag_group=None if self.bag_group is None else self.bag_group[bags],
             **ctx,
         )
 
@@ -194,6 +200,7 @@ def build_bags(
             "ids",
             "slide",
             "obs",
+            "source",
             "cfeat",
             "cpos",
             "cn",
@@ -277,6 +284,9 @@ def build_bags(
         parts["ids"].append(units.obs_names.to_numpy()[nonempty])
         parts["slide"].append(np.full(len(nonempty), s, dtype=np.int64))
         parts["obs"].append(order)
+        parts["source"].append(
+            np.full(len(nonempty), source_sample(sdata, units, slide_names[-1]), dtype=object)
+        )
     ncell = np.concatenate(parts["ncell"])
     nedge = np.concatenate(parts["nedge"])
     bags = BagSet(
@@ -291,6 +301,9 @@ def build_bags(
         cell_obs=np.concatenate(parts["obs"]).astype(np.int64),
         slide_names=slide_names,
     )
+    # a unit shown by several slides (augmented copies of one source) is one group
+    source = np.concatenate(parts["source"]) if parts["source"] else np.zeros(0, dtype=object)
+    bags.bag_group = pd.factorize(pd.Series(source.astype(str)) + "\x00" + bags.bag_ids)[0].astype(np.int64)
     if context_um:
         d = parts["feat"][0].shape[1]
         bags.ctx_features = np.concatenate(parts["cfeat"]) if parts["cfeat"] else np.zeros((0, d), np.float32)
@@ -300,6 +313,18 @@ def build_bags(
         msg = f"No {units_key} contain any cell: check that cells and {units_key} share coordinates (run bt.pp.assign_cells)."
         raise ValueError(msg)
     return bags, unit_names
+
+
+def source_sample(sdata: sd.SpatialData, units: Any, sample_id: str) -> str:
+    """The sample a slide's units come from: the source of an augmented copy, else its own sample id.
+
+    :func:`bitro.pp.augment_slide` records ``source_sample_id`` in ``attrs["bitro_augment"]`` (and in the
+    kept tables' ``uns``); augmenting a copy again appends, so the first record names the original.
+    """
+    records = sdata.attrs.get(K.AUGMENT) or units.uns.get(K.AUGMENT) or []
+    if len(records) and isinstance(records[0], dict) and records[0].get("source_sample_id"):
+        return str(records[0]["source_sample_id"])
+    return sample_id
 
 
 def collate(bags: BagSet, index: np.ndarray, *, device: Any = "cpu") -> dict[str, Any]:

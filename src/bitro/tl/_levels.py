@@ -239,13 +239,21 @@ class SpotLevel(Level):
         return TrainingSet(bags=bags, transform=transform, cluster_weight=float(weight), loss=setup.loss)
 
     def split(self, data, fraction, rng):
-        """A random ``fraction`` of the training spots (at least one when there are two or more)."""
-        n = data.bags.n_bags
+        """A random ``fraction`` of the training spots (at least one when there are two or more).
+
+        Spots are drawn by group (``bags.bag_group``): the augmented copies of a validation spot go to
+        validation with it, never to training, so early stopping is not judged on spots the model has
+        seen under another scale or stain. Without copies every spot is its own group.
+        """
+        bags = data.bags
+        group = np.arange(bags.n_bags) if bags.bag_group is None else bags.bag_group
+        n = int(group.max()) + 1 if len(group) else 0
         n_val = round(fraction * n)
         if fraction > 0 and n_val == 0 and n >= 2:
             n_val = 1
-        perm = rng.permutation(n)
-        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        is_val = np.zeros(n, dtype=bool)
+        is_val[rng.permutation(n)[:n_val]] = True
+        return np.flatnonzero(~is_val[group]), np.flatnonzero(is_val[group])
 
     def steps(self, data, idx, batch_size, rng):
         """Shuffled batches of ``batch_size`` spots."""
