@@ -34,6 +34,7 @@ from benchmarks._common import (
 )
 
 from bitro._logging import logger
+from bitro.models._config import automatic_skip
 
 NAME = "components"
 SEEDS = (0, 1, 2)
@@ -86,8 +87,8 @@ def _effective(defaults: dict[str, Any], config: dict[str, Any], opts: dict[str,
     import json
 
     network = {**defaults.get("network", {}), **config}
-    if network.get("skip", False) is None:  # automatic: on exactly when there is a trunk
-        network["skip"] = bool(network.get("use_gat") or network.get("use_transformer"))
+    if network.get("skip", False) is None:
+        network["skip"] = automatic_skip(network.get("use_gat"), network.get("use_transformer"))
     setup = {**defaults.get("setup", {}), **opts}
     rest = {k: v for k, v in defaults.items() if k not in ("network", "setup")}
     return json.dumps({"network": network, "setup": setup, **rest}, sort_keys=True, default=str)

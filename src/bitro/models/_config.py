@@ -13,6 +13,15 @@ _OUTPUTS = ("linear", "softplus")
 _POOLINGS = ("gene_query", "mean")
 
 
+def automatic_skip(use_gat: Any, use_transformer: Any) -> bool:
+    """The skip that ``skip=None`` resolves to: on exactly when the network has a trunk.
+
+    Without the GAT and the Transformer the head already reads each cell's own features, and a second
+    copy of them cost accuracy (see the benchmarks page); past a trunk the skip keeps cells of a spot apart.
+    """
+    return bool(use_gat is True or use_transformer is True)
+
+
 @dataclass(frozen=True)
 class BiTroConfig:
     """Hyperparameters of the BiTro network (paper §3.3–3.4, spec §3).
@@ -126,8 +135,8 @@ class BiTroConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 msg = f"BiTroConfig.{name} must be an integer ≥ 1, got {value!r}."
                 raise ValueError(msg)
-        if self.skip is None:  # auto: the skip is only useful past a trunk
-            object.__setattr__(self, "skip", bool(self.use_gat is True or self.use_transformer is True))
+        if self.skip is None:
+            object.__setattr__(self, "skip", automatic_skip(self.use_gat, self.use_transformer))
         for name in ("use_gat", "use_transformer", "use_position", "use_cell_count", "skip"):
             value = getattr(self, name)
             if not isinstance(value, bool):
@@ -187,6 +196,6 @@ class BiTroConfig:
         A ``skip`` that matches its automatic value follows the trunk of the copy unless ``changes`` set it.
         """
         data = {**self.to_dict(), **changes}
-        if "skip" not in changes and self.skip == (self.use_gat or self.use_transformer):
+        if "skip" not in changes and self.skip == automatic_skip(self.use_gat, self.use_transformer):
             data["skip"] = None
         return type(self).from_dict(data)
