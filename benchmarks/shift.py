@@ -57,6 +57,7 @@ from benchmarks._common import (
     cached_tables,
     kit_genes,
     load_section,
+    max_rss_mb,
     md_table,
     metadata,
     preprocess,
@@ -387,10 +388,6 @@ def run(quick: bool) -> dict[str, Any]:
     folds = [0] if quick else list(range(len(names)))
     rows, ceilings, domains, speed = [], [], [], []
     out: dict[str, Any] = {}
-    t_aug = time.perf_counter()
-    augmented = {n: [augmented_section(n, i, window) for i in range(len(AUGMENTS))] for n in names}
-    speed.append({"fold": -1, "test": "", "what": "augmented copies (preprocessing when not cached)",
-                  "seconds": round(time.perf_counter() - t_aug, 2)})  # fmt: skip
     for f in folds:
         test_name = names[f]
         train = [sections[n] for n in names if n != test_name]
@@ -402,13 +399,27 @@ def run(quick: bool) -> dict[str, Any]:
                 for s in train:
                     bt.pp.standardize_features(s, overwrite=True)
             slides = train
-            if run_name == AUGMENTED:
+            if run_name == AUGMENTED:  # the fold's copies only, loaded for this fit and dropped after it
+                t_aug = time.perf_counter()
+                augmented = {
+                    n: [augmented_section(n, i, window) for i in range(len(AUGMENTS))]
+                    for n in names
+                    if n != test_name
+                }
+                speed.append({"fold": f, "test": test_name, "what": "augmented copies (preprocessing when not cached)",
+                              "seconds": round(time.perf_counter() - t_aug, 2)})  # fmt: skip
                 slides = [*train, *training_copies(augmented, test_name)]
+                del augmented
+                t_fit = time.perf_counter()  # the fit alone (the loading has its own row)
             elif run_name == REPEATED:
                 slides = [*train, *repeated_copies(train, len(AUGMENTS))]
             models[run_name] = _fit(cfg, slides, genes, kw)
+            del slides
+            if rep and rep[0] == SLIDE_REP:  # a second copy of every training cell's features: not kept
+                for s in train:
+                    del s["cells"].obsm[SLIDE_REP]
             speed.append({"fold": f, "test": test_name, "what": f"fit {run_name}",
-                          "seconds": round(time.perf_counter() - t_fit, 2)})  # fmt: skip
+                          "seconds": round(time.perf_counter() - t_fit, 2), "peak_rss_mb": round(max_rss_mb(), 1)})  # fmt: skip
         train_stats = [bt.tl.domain_stats(s) for s in train]
         for shift, spec in SHIFTS.items():
             t_shift = time.perf_counter()
@@ -431,6 +442,7 @@ def run(quick: bool) -> dict[str, Any]:
             logger.info(
                 "shift: fold %d %s %s done (%.0f s)", f, test_name, shift, time.perf_counter() - t_shift
             )
+        del models  # the next fold fits its own; the process's peak memory so far goes with each speed row
         out = _result(quick, t0, names, folds, genes, kw, window, sections, rows, ceilings, domains, speed)
         if not quick:
             write_result("shift", out)  # partial results survive an interrupted run

@@ -47,15 +47,16 @@ def feature_scale(x: np.ndarray) -> np.ndarray:
 def _sample_rows(xs: Sequence[np.ndarray], max_rows: int, rng: np.random.Generator) -> np.ndarray:
     """Stack the rows of ``xs``; above ``max_rows`` take a uniform random sample (each slide pro rata)."""
     total = sum(len(x) for x in xs)
-    if total <= max_rows:
-        return np.concatenate([np.asarray(x, dtype=np.float64) for x in xs], axis=0)
-    keep = np.sort(rng.choice(total, size=max_rows, replace=False))
-    parts, start = [], 0
+    keep = None if total <= max_rows else np.sort(rng.choice(total, size=max_rows, replace=False))
+    # filled slide by slide into one float64 array: no float64 copy of every slide is held at once
+    out = np.empty((total if keep is None else len(keep), xs[0].shape[1] if len(xs) else 0), dtype=np.float64)
+    row = start = 0
     for x in xs:
-        sel = keep[(keep >= start) & (keep < start + len(x))] - start
-        parts.append(np.asarray(x[sel], dtype=np.float64))
+        part = x if keep is None else x[keep[(keep >= start) & (keep < start + len(x))] - start]
+        out[row : row + len(part)] = part
+        row += len(part)
         start += len(x)
-    return np.concatenate(parts, axis=0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,9 @@ def _fit_projection(
         )
     mean = x.mean(axis=0)
     scale = feature_scale(x)
-    z = (x - mean) / scale
+    z = x  # standardised in place: x is this function's own copy, and a second one would double the peak
+    z -= mean
+    z /= scale
     if k == min(n, d):
         solver = "full"
     else:
