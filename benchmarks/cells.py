@@ -145,14 +145,11 @@ def load_slides(layout: str, p: dict[str, Any], size: int) -> tuple[list[Any], d
             "benchmarks.cells: generating %d %s slides of %d px into %s", p["n_slides"], layout, size, path
         )
         t = time.perf_counter()
+        knobs = {
+            k: v for k, v in spec.items() if k not in ("label", "size")
+        }  # every knob that keys the cache
         slides = bt.datasets.synthetic_tissue(
-            p["n_slides"],
-            size=size,
-            technology=spec["technology"],
-            n_genes=p["n_genes"],
-            domain_size_um=spec["domain_size_um"],
-            mixing=spec["mixing"],
-            seed=DATA_SEED,
+            p["n_slides"], size=size, n_genes=p["n_genes"], seed=DATA_SEED, **knobs
         )
         timing["generate_s"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -883,3 +883,23 @@ def test_components_variant_names_can_be_chosen_by_name(monkeypatch):
     monkeypatch.setenv("BITRO_COMPONENTS_VARIANTS", "no such variant")
     with pytest.raises(ValueError, match="unknown variant"):
         comp._plan(False)
+
+
+def test_cells_slides_are_generated_with_every_knob_of_their_layout(tmp_path, monkeypatch):
+    """The layout's knobs key the slide cache, so each must reach the generator (composition_sd once did not)."""
+    import bitro as bt
+    from benchmarks import cells
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(cells, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(bt.datasets, "synthetic_tissue", fake)
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        cells.load_slides("her2st", cells.QUICK, cells.LAYOUTS["her2st"]["size"]["quick"])
+    knobs = {k: v for k, v in cells.LAYOUTS["her2st"].items() if k not in ("label", "size")}
+    assert "composition_sd" in knobs
+    assert {k: seen.get(k) for k in knobs} == knobs
