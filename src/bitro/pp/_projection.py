@@ -253,7 +253,8 @@ def _fit_projection(
         solver = "full"
     else:
         solver = "randomized" if n > 10_000 else "auto"
-    pca = PCA(n_components=k, svd_solver=solver, random_state=seed).fit(z)
+    # copy=False: PCA centres z in place (z is ours), the result is the same without a second copy
+    pca = PCA(n_components=k, svd_solver=solver, random_state=seed, copy=False).fit(z)
     return FeatureProjection(
         mean=mean,
         scale=scale,
