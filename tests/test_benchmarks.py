@@ -887,8 +887,9 @@ def test_components_variant_names_can_be_chosen_by_name(monkeypatch):
 
 def test_cells_slides_are_generated_with_every_knob_of_their_layout(tmp_path, monkeypatch):
     """The layout's knobs key the slide cache, so each must reach the generator (composition_sd once did not)."""
-    import bitro as bt
     from benchmarks import cells
+
+    import bitro as bt
 
     seen = {}
 

@@ -229,6 +229,35 @@ def test_crop_mode_appends_context_from_a_tile_pass(small_sdata, tmp_path):
     assert not scratch.exists()  # both steps' scratch files (and the context subfolder) cleaned up
 
 
+def test_tile_mpp_runs_the_tile_pass_at_another_magnification(small_sdata):
+    mpp = bt.io.get_mpp(small_sdata)
+    kwargs = {
+        "encoder": _Pool4(),
+        "mode": "tile",
+        "tile_size": 128,
+        "crop_um": 2.0,
+        "context_um": [20.0],
+        "seed": 0,
+    }
+    bt.pp.embed_cells(small_sdata, key_added="native", **kwargs)
+    bt.pp.embed_cells(small_sdata, key_added="same", tile_mpp=mpp, **kwargs)
+    bt.pp.embed_cells(small_sdata, key_added="fine", tile_mpp=mpp / 2, **kwargs)
+    cells = small_sdata["cells"]
+    native, same, fine = (cells.obsm[k] for k in ("native", "same", "fine"))
+    np.testing.assert_array_equal(native, same)  # the slide's own scale: nothing resampled
+    assert not np.array_equal(native, fine)
+    # twice the magnification: the 2 µm cell window still sees the purple (90, 50, 140) nucleus, and the
+    # 20 µm neighbourhood covers the same tissue, so its mean colour stays close
+    np.testing.assert_allclose(fine[:, :3] * 255, np.tile([90, 50, 140], (12, 1)), atol=8)
+    np.testing.assert_allclose(fine[:, 3:], native[:, 3:], atol=6 / 255)
+    assert cells.uns["fine"]["tile_mpp"] == cells.uns["fine"]["params"]["tile_mpp"] == mpp / 2
+    assert "tile_mpp" not in cells.uns["native"]
+    for bad in (0, -0.25, "fine", True):
+        with pytest.raises(ValueError, match="tile_mpp"):
+            bt.pp.embed_cells(small_sdata, key_added="bad", tile_mpp=bad, **kwargs)
+    assert "bad" not in cells.obsm
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

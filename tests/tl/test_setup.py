@@ -77,6 +77,18 @@ def test_context_windows_are_part_of_the_encoder(toy_slides):
         model.predict(light_copy(b))
 
 
+def test_the_tile_magnification_is_part_of_the_encoder(toy_slides):
+    a, b = (light_copy(s) for s in toy_slides[:2])
+    a["cells"].uns["X_bitro"] = {**a["cells"].uns["X_bitro"], "tile_mpp": 0.25}  # b: the slide's own scale
+    with pytest.raises(ValueError, match=r"tile_mpp: 0.25 vs None"):
+        _fit([a, b])
+    model = _fit([a, light_copy(a)], max_epochs=1)
+    with pytest.raises(
+        ValueError, match=r"embedded with tile_mpp None but the model was trained on tile_mpp 0.25"
+    ):
+        model.predict(light_copy(b))
+
+
 def test_transfer_keeps_the_table_keys(toy_slides):
     slides = []
     for s in toy_slides[:2]:

@@ -65,6 +65,7 @@ def embed_cells(
     mode: Literal["tile", "crop"] = "tile",
     crop_um: float = 33.0,
     context_um: float | Sequence[float] | Literal["auto"] | None = "auto",
+    tile_mpp: float | None = None,
     level: int = 0,
     tile_size: int = 1024,
     batch_size: int = 64,
@@ -116,6 +117,12 @@ def embed_cells(
         feature map, else none (the ``crop_vs_tile`` benchmark: context raised bitro's
         leave-one-section-out accuracy on HER2ST). ``None``: the cell's own window only (the
         features of bitro before 0.2).
+    tile_mpp
+        µm per pixel at which the tile pass runs: each tile is resampled to it before the forward
+        pass, and the windows are pooled at that scale. ``None`` (default): the encoder's own ``mpp``
+        if it declares one, else the level as read. A finer value (e.g. half the slide's µm per
+        pixel) shows the encoder larger nuclei, closer to what crop mode shows it, at the cost of
+        ``(slide mpp / tile_mpp)²`` times the compute (the ``crop_vs_tile`` benchmark measures it).
     level
         Pyramid level to read; centroids are converted to that level's pixels.
     tile_size
@@ -188,6 +195,11 @@ def embed_cells(
     if K.SPATIAL not in table.obsm:
         msg = f"Table {cells_key!r} has no obsm[{K.SPATIAL!r}] centroids. {_SEGMENT_HINT}"
         raise KeyError(msg)
+    if tile_mpp is not None and (
+        isinstance(tile_mpp, bool) or not isinstance(tile_mpp, int | float) or not 0 < tile_mpp < float("inf")
+    ):
+        msg = f"tile_mpp must be a positive number of µm per pixel (or None for the encoder's own), got {tile_mpp!r}."
+        raise ValueError(msg)
     if crop_um <= 0 or tile_size < 16 or batch_size < 1:
         msg = f"Need crop_um > 0, tile_size >= 16 and batch_size >= 1; got {crop_um}, {tile_size}, {batch_size}."
         raise ValueError(msg)
@@ -261,6 +273,8 @@ def embed_cells(
     }
     if context:  # absent otherwise, so scratch folders written without it stay valid
         fingerprint["context_um"] = list(context)
+    if tile_mpp is not None and used_mode != "mask":  # likewise
+        fingerprint["tile_mpp"] = float(tile_mpp)
     if used_mode == "crop":  # the grouping of tiles into tasks (and the forward batches)
         fingerprint["batch_size"] = int(batch_size)
     if used_mode == "mask":
@@ -298,6 +312,7 @@ def embed_cells(
                 margin_px=max(context_px) / 2,
                 tile_size=tile_size,
                 um_per_px=um_per_px,
+                target_mpp=tile_mpp,
                 fingerprint=fingerprint,
                 name="embed_cells_context",
             )
@@ -313,6 +328,7 @@ def embed_cells(
             margin_px=max((crop_px, *(c / 2 for c in context_px))),
             tile_size=tile_size,
             um_per_px=um_per_px,
+            target_mpp=tile_mpp,
             fingerprint=fingerprint,
         )
         feats = runner.run(step, data, image_name=image_key)
@@ -349,6 +365,8 @@ def embed_cells(
     if context:
         prov["context_um"] = prov["params"]["context_um"] = list(context)
         prov["blocks"] = _blocks(feats.shape[1], crop_um, context)
+    if "tile_mpp" in fingerprint:  # features of another magnification: fit refuses to mix them
+        prov["tile_mpp"] = prov["params"]["tile_mpp"] = fingerprint["tile_mpp"]
     table.uns[key_added] = prov
     runner.finish()
     logger.info("embed_cells: %d cells x %d features in obsm[%r]", feats.shape[0], feats.shape[1], key_added)

@@ -161,14 +161,17 @@ def feature_map_step(
     um_per_px: float,
     fingerprint: dict,
     name: str = "embed_cells",
+    target_mpp: float | None = None,
 ) -> TiledStep:
     """Tile mode: one task (one forward pass) per tile with cells.
 
     Each cell's feature is the map pooled over each window of ``windows_px`` (sides in pixels of
     the level read, same centre), concatenated in that order. Tiles are read with ``margin_px`` of
-    context around their cells.
+    context around their cells and resampled to ``target_mpp`` µm per pixel (``None``: the encoder's
+    ``mpp``, else as read) before the forward pass.
     """
-    factor = um_per_px / enc.mpp if enc.mpp else 1.0
+    mpp = target_mpp or enc.mpp
+    factor = um_per_px / mpp if mpp else 1.0
     margin = math.ceil(margin_px)
     windows = tuple(w * factor for w in windows_px)
     tasks = []

@@ -54,6 +54,15 @@ def check_features(state: ModelState, sdata: sd.SpatialData) -> np.ndarray:
                 f"re-run bt.pp.embed_cells with {key}={want!r}."
             )
             raise ValueError(msg)
+    # None is a value here (the tile pass at the slide's own scale): compare whenever both were embedded by bitro
+    if state.encoder.get("encoder") is not None and info.get("encoder") is not None:
+        want, got = state.encoder.get("tile_mpp"), info.get("tile_mpp")
+        if want != got:
+            msg = (
+                f"The cells were embedded with tile_mpp {got!r} but the model was trained on tile_mpp {want!r} "
+                f"features (another magnification); re-run bt.pp.embed_cells with tile_mpp={want!r}."
+            )
+            raise ValueError(msg)
     return x
 
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 #: Cells sampled to fit the PCA (the rest are transformed).
 MAX_CELLS_FIT = 200_000
 #: Encoder provenance compared across slides and recorded with the model.
-ENCODER_FIELDS = ("encoder", "mode", "dim", "checkpoint_sha256", "context_um")
+ENCODER_FIELDS = ("encoder", "mode", "dim", "checkpoint_sha256", "context_um", "tile_mpp")
 
 
 def as_slides(sdatas: Any) -> list[sd.SpatialData]:
