@@ -12,6 +12,9 @@ again on the stain-normalised image. Four arms, identical cells:
 - *tile + context*: tile mode with ``context_um`` (the same map also pooled over a
   ``CONTEXT_UM`` window around each nucleus, appended);
 - *crop*: crop mode;
+- *tile ×2 + context*: tile mode with context at twice the magnification (``tile_mpp`` = half the
+  section's µm per pixel: each tile upsampled before the forward pass, so a nucleus covers four times
+  as many cells of the feature map);
 - *crop + context*: the crop features with the context block of the *tile + context* run appended
   (what ``embed_cells(mode="crop", context_um=...)`` computes: the context comes from a tile pass).
 
@@ -49,7 +52,11 @@ from benchmarks._common import (
 from bitro._logging import logger
 
 ENCODER = "efficientnet_lite0"
-MODES = ("tile", "tile + context", "crop", "crop + context")
+ZOOMED = "tile ×2 + context"
+MODES = ("tile", "tile + context", ZOOMED, "crop", "crop + context")
+#: Magnification of the zoomed tile arm: the tile pass at half the section's µm per pixel
+#: (``bt.pp.embed_cells(tile_mpp=...)``), four times the compute of the native pass.
+TILE_ZOOM = 2.0
 MODELS = ("bitro", "ridge")
 #: Side (µm) of the neighbourhood window of the context arms (about two HER2ST spot diameters).
 CONTEXT_UM = 200.0
@@ -67,9 +74,10 @@ def _in_spot_tables(sdata: Any, cells: Any) -> Any:
 
 
 def embed_section(section: str, base: Any, quick: bool, arm: str) -> tuple[Any, dict[str, Any]]:
-    """The in-spot cells of ``base`` embedded again (cached): ``arm`` ``"crop"`` or ``"context"``.
+    """The in-spot cells of ``base`` embedded again (cached): ``arm`` ``"crop"``, ``"context"`` or ``"context_x2"``.
 
-    ``"crop"``: crop mode, 33 µm windows. ``"context"``: tile mode with ``context_um=CONTEXT_UM``.
+    ``"crop"``: crop mode, 33 µm windows. ``"context"``: tile mode with ``context_um=CONTEXT_UM``;
+    ``"context_x2"``: the same at ``TILE_ZOOM`` times the magnification.
     Returns the tables and the timing of the embedding.
     """
     from benchmarks.accuracy import QUICK_WINDOW
@@ -77,7 +85,11 @@ def embed_section(section: str, base: Any, quick: bool, arm: str) -> tuple[Any, 
     import bitro as bt
     from bitro import _keys as K
 
-    tag = "crop_inspot" if arm == "crop" else f"tile_context{CONTEXT_UM:g}_inspot"
+    tag = {
+        "crop": "crop_inspot",
+        "context": f"tile_context{CONTEXT_UM:g}_inspot",
+        "context_x2": f"tile_x{TILE_ZOOM:g}_context{CONTEXT_UM:g}_inspot",
+    }[arm]
     path = CACHE_DIR / (cache_key(section, (ENCODER,), tag, QUICK_MAX_CELLS if quick else None))
     if path.exists():
         return load_tables(path), json.loads((path / "attrs.json").read_text())["extra"]
@@ -104,6 +116,7 @@ def embed_section(section: str, base: Any, quick: bool, arm: str) -> tuple[Any, 
             tile_size=PREPROCESS["tile_size"],
             crop_um=PREPROCESS["crop_um"],
             context_um=None if arm == "crop" else CONTEXT_UM,
+            tile_mpp=bt.io.get_mpp(sdata) / TILE_ZOOM if arm == "context_x2" else None,
             device="cpu",
             key_added="X_bitro",
             seed=SEED,
@@ -143,10 +156,11 @@ def run(quick: bool) -> dict[str, Any]:
     base = load_sections(quick)
     names = list(base)
     sections: dict[str, dict[str, Any]] = {m: {} for m in MODES}
-    info: dict[str, dict[str, Any]] = {"crop": {}, "context": {}}
+    info: dict[str, dict[str, Any]] = {"crop": {}, "context": {}, "context_x2": {}}
     for s in names:
         crop, info["crop"][s] = embed_section(s, base[s], quick, "crop")
         ctx, info["context"][s] = embed_section(s, base[s], quick, "context")
+        sections[ZOOMED][s], info["context_x2"][s] = embed_section(s, base[s], quick, "context_x2")
         keep = base[s]["cells"].obs_names.get_indexer(crop["cells"].obs_names)
         x_ctx = np.asarray(ctx["cells"].obsm["X_bitro"])
         width = np.asarray(crop["cells"].obsm["X_bitro"]).shape[1]
@@ -193,6 +207,7 @@ def run(quick: bool) -> dict[str, Any]:
     for s in names:
         crop_step = info["crop"][s].get("steps", {}).get(f"embed_{ENCODER}_crop", {})
         ctx_step = info["context"][s].get("steps", {}).get(f"embed_{ENCODER}_context", {})
+        zoom_step = info["context_x2"][s].get("steps", {}).get(f"embed_{ENCODER}_context_x2", {})
         tile_step = cache_info(s, encoders=ACC_ENCODERS, mode="tile", window=None).get("steps", {})
         embed.append(
             {
@@ -203,6 +218,7 @@ def run(quick: bool) -> dict[str, Any]:
                 "crop_seconds": crop_step.get("seconds"),
                 "crop_cpu_seconds": crop_step.get("cpu_seconds"),
                 "context_seconds": ctx_step.get("seconds"),
+                "context_x2_seconds": zoom_step.get("seconds"),
                 "tile_seconds_all_cells": tile_step.get(f"embed_{ENCODER}_tile", {}).get("seconds"),
             }
         )
@@ -214,6 +230,7 @@ def run(quick: bool) -> dict[str, Any]:
             "cells": "in-spot cells only" + (f" (first {QUICK_MAX_CELLS} per section)" if quick else ""),
             "encoder": ENCODER,
             "context_um": CONTEXT_UM,
+            "tile_zoom": TILE_ZOOM,
             "cache_context_um": list(PREPROCESS["context_um"]),
             "folds": [names[f] for f in folds],
             "n_genes": len(genes),
@@ -271,6 +288,11 @@ def markdown(res: dict[str, Any]) -> str:
             *rate("context_seconds", n_in),
         ],
         [
+            f"tile ×{p.get('tile_zoom', TILE_ZOOM):g} + context {p.get('context_um', 0):g} µm (in-spot cells)",
+            n_in,
+            *rate("context_x2_seconds", n_in),
+        ],
+        [
             f"{_cache_label(p)} (all cells of the sections, cache build)",
             n_all,
             *rate("tile_seconds_all_cells", n_all),
@@ -287,7 +309,10 @@ def markdown(res: dict[str, Any]) -> str:
         "(the cached features); *crop* = a 33 µm window per nucleus resized to the encoder input (the paper's "
         f"way); *+ context* = the tile map also pooled over a {p.get('context_um', 0):g} µm window around each "
         "nucleus and appended (`bt.pp.embed_cells(context_um=...)`; for crop + context the context block of "
-        "the tile run is appended to the crop features, which is what crop mode with `context_um` computes). "
+        "the tile run is appended to the crop features, which is what crop mode with `context_um` computes); "
+        f"*tile ×{p.get('tile_zoom', TILE_ZOOM):g}* = the tile pass at {p.get('tile_zoom', TILE_ZOOM):g} × the "
+        "magnification (`tile_mpp` = the section's µm per pixel / "
+        f"{p.get('tile_zoom', TILE_ZOOM):g}: tiles upsampled before the forward pass). "
         + (
             "All arms hold identical cells. "
             if same
@@ -336,8 +361,8 @@ def _reading(df: Any, means: dict[tuple, float], cost: list[list[Any]]) -> list[
     sub = df[(df["model"] == "bitro") & (df["metric"] == "pcc_gene") & (df["scale"] == "library_size")]
     per = sub.groupby(["test", "mode"])["value"].mean().unstack()
     out = ["**Reading.**", ""]
-    for mode in ("tile", "tile + context", "crop + context"):
-        if get[mode] is None:
+    for mode in ("tile", "tile + context", ZOOMED, "crop + context"):
+        if get.get(mode) is None:
             continue
         ratio = get[mode] / get["crop"]
         wins = int((per[mode] > per["crop"]).sum())
@@ -346,17 +371,32 @@ def _reading(df: Any, means: dict[tuple, float], cost: list[list[Any]]) -> list[
             f"- bitro on *{mode}*: {get[mode]:.3f} normalised PCC_gene, {ratio:.2f} × crop's {get['crop']:.3f} "
             f"(higher than crop on {wins} of {len(per)} held-out sections); it {verb} the issue's 0.95 × crop."
         )
-    crop_rate, ctx_rate, all_rate = cost[0][3], cost[1][3], cost[2][3]
+    like = get.get("crop + context")
+    for mode in ("tile + context", ZOOMED):  # like with like: both with the same context block
+        if get.get(mode) is not None and like:
+            ratio = get[mode] / like
+            wins = int((per[mode] > per["crop + context"]).sum())
+            out.append(
+                f"- Like with like, *{mode}* against *crop + context*: {ratio:.2f} × ({get[mode]:.3f} vs "
+                f"{like:.3f}; higher on {wins} of {len(per)} sections); "
+                + ("it reaches 0.95 ×." if ratio >= 0.95 else "it does **not** reach 0.95 ×.")
+            )
+    crop_rate, ctx_rate, zoom_rate, all_rate = cost[0][3], cost[1][3], cost[2][3], cost[3][3]
     if crop_rate and ctx_rate:
         whole = (
-            f"; on whole sections (every nucleus, dense tiles) {cost[2][0]} embeds {all_rate:.0f} cells/s, "
+            f"; on whole sections (every nucleus, dense tiles) {cost[3][0]} embeds {all_rate:.0f} cells/s, "
             f"{all_rate / crop_rate:.1f} × crop"
             if all_rate
             else ""
         )
+        zoom = (
+            f"; {ZOOMED} embeds {zoom_rate:.0f} cells/s ({zoom_rate / crop_rate:.1f} × crop)"
+            if zoom_rate
+            else ""
+        )
         out.append(
             f"- Speed: tile + context embeds {ctx_rate:.0f} cells/s on the in-spot cells against crop's "
-            f"{crop_rate:.0f} ({ctx_rate / crop_rate:.1f} ×; the issue asks ≥ 10 ×){whole}."
+            f"{crop_rate:.0f} ({ctx_rate / crop_rate:.1f} ×; the issue asks ≥ 10 ×){zoom}{whole}."
         )
     best = max((v, m) for m, v in get.items() if v is not None)
     out.append(
