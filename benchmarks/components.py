@@ -154,8 +154,10 @@ def run(quick: bool) -> dict[str, Any]:
         kw["max_epochs"] = 3
     folds, seeds, variants = _plan(quick)
     reused = {} if quick else _reusable(kw)
-    rows: list[dict[str, Any]] = []
-    times: list[dict[str, Any]] = []
+    # stored rows this run does not visit (other variants, folds or seeds) stay in the result: a run of a
+    # subset adds to the table, it never drops the rest of it
+    visited = {(v, names[f], s) for f in folds for s in seeds for v in variants}
+    rows, times = _unpack({k: v for k, v in reused.items() if k not in visited})
     out: dict[str, Any] = {}
     for f in folds:
         test_name = names[f]
@@ -164,12 +166,11 @@ def run(quick: bool) -> dict[str, Any]:
         for seed in seeds:
             for variant in variants:
                 if (variant, test_name, seed) in reused:
-                    got = [dict(r) for r in reused[(variant, test_name, seed)]]
-                    fit_s = next((r.pop("fit_seconds") for r in got if "fit_seconds" in r), None)
-                    rows += got
-                    if fit_s is not None:
-                        times.append({"variant": variant, "test": test_name, "seed": seed, "fit_seconds": fit_s,
-                                      "reused": True})  # fmt: skip
+                    got_rows, got_times = _unpack(
+                        {(variant, test_name, seed): reused[(variant, test_name, seed)]}
+                    )
+                    rows += got_rows
+                    times += got_times
                     continue
                 config, opts = VARIANTS[variant]
                 slides = train
@@ -211,6 +212,20 @@ def fold_copies(names: list[str], test_name: str, quick: bool) -> list[Any]:
     return training_copies(augmented, test_name)
 
 
+def _unpack(stored: dict[tuple[str, str, int], list[dict[str, Any]]]) -> tuple[list[dict], list[dict]]:
+    """Rows and fit-time records of stored runs (the fit time travels on the first row of a run)."""
+    rows, times = [], []
+    for (variant, test, seed), got in stored.items():
+        got = [dict(r) for r in got]
+        fit_s = next((r.pop("fit_seconds") for r in got if "fit_seconds" in r), None)
+        rows += got
+        if fit_s is not None:
+            times.append(
+                {"variant": variant, "test": test, "seed": seed, "fit_seconds": fit_s, "reused": True}
+            )
+    return rows, times
+
+
 def _defaults() -> dict[str, Any]:
     from benchmarks.accuracy import bitro_defaults
 
@@ -218,6 +233,12 @@ def _defaults() -> dict[str, Any]:
 
 
 def _result(quick, t0, names, folds, seeds, variants, kw, genes, rows, times) -> dict[str, Any]:
+    # the table may hold more than this run visited (rows kept from earlier runs)
+    present = {r["variant"] for r in rows}
+    variants = [v for v in VARIANTS if v in variants or v in present]
+    seeds = sorted(set(seeds) | {r["seed"] for r in rows})
+    held = {names[f] for f in folds} | {r["test"] for r in rows}
+    folds = [i for i, n in enumerate(names) if n in held]
     out = {
         "name": NAME,
         "meta": metadata(quick=quick, seconds=time.perf_counter() - t0, seeds={"seeds": seeds}),

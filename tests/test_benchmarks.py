@@ -904,3 +904,43 @@ def test_cells_slides_are_generated_with_every_knob_of_their_layout(tmp_path, mo
     knobs = {k: v for k, v in cells.LAYOUTS["her2st"].items() if k not in ("label", "size")}
     assert "composition_sd" in knobs
     assert {k: seen.get(k) for k in knobs} == knobs
+
+
+def test_a_components_run_of_some_variants_keeps_the_other_rows(monkeypatch):
+    """Running a subset (BITRO_COMPONENTS_VARIANTS / _SEEDS) once dropped every other variant's rows."""
+    import benchmarks.accuracy as acc
+    from benchmarks import components as comp
+
+    def row(variant, test, seed, value):
+        return {
+            "variant": variant,
+            "test": test,
+            "seed": seed,
+            "metric": "pcc_gene",
+            "scale": "raw",
+            "value": value,
+        }
+
+    stored = {
+        ("default", "C2", 0): [{**row("default", "C2", 0, 0.1), "fit_seconds": 3.0}],
+        ("default", "C3", 0): [row("default", "C3", 0, 0.2)],
+        ("+ GAT", "C2", 0): [row("+ GAT", "C2", 0, 0.3)],  # a variant this run does not plan
+        ("+ GAT", "C2", 1): [row("+ GAT", "C2", 1, 0.4)],  # and a seed it does not plan
+    }
+    monkeypatch.setattr(acc, "load_sections", lambda quick: {"C2": None, "C3": None})
+    monkeypatch.setattr(comp, "kit_genes", lambda sections: ["A"])
+    monkeypatch.setattr(comp, "_plan", lambda quick: ([0, 1], [0], ["default"]))
+    monkeypatch.setattr(comp, "_reusable", lambda kw: stored)
+    out = comp.run(False)  # every planned run is stored: nothing is fitted
+    got = sorted((r["variant"], r["test"], r["seed"], r["value"]) for r in out["rows"])
+    assert got == [
+        ("+ GAT", "C2", 0, 0.3),
+        ("+ GAT", "C2", 1, 0.4),
+        ("default", "C2", 0, 0.1),
+        ("default", "C3", 0, 0.2),
+    ]
+    assert list(out["protocol"]["variants"]) == ["default", "+ GAT"]
+    assert out["protocol"]["seeds"] == [0, 1]
+    assert out["times"] == [
+        {"variant": "default", "test": "C2", "seed": 0, "fit_seconds": 3.0, "reused": True}
+    ]
