@@ -196,6 +196,10 @@ def augment_slides(
         slides = [bt.io.read_zarr(f"prepared/{name}.zarr") for name in [*train, *copies]]
         model = bt.tl.fit(slides)
 
+    :func:`bitro.tl.fit` reads each copy's source from ``attrs["bitro_augment"]`` (or the spots table's
+    ``uns``) and draws its early-stopping validation spots by source spot, so the copies of a validation
+    spot never train.
+
     Parameters
     ----------
     slides
