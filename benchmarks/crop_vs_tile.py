@@ -12,9 +12,9 @@ again on the stain-normalised image. Four arms, identical cells:
 - *tile + context*: tile mode with ``context_um`` (the same map also pooled over a
   ``CONTEXT_UM`` window around each nucleus, appended);
 - *crop*: crop mode;
-- *tile ×2 + context*: tile mode with context at twice the magnification (``tile_mpp`` = half the
-  section's µm per pixel: each tile upsampled before the forward pass, so a nucleus covers four times
-  as many cells of the feature map);
+- *tile ×2 + context*: tile mode with context at about twice the magnification (``tile_mpp=TILE_MPP``,
+  0.345 µm/px: each tile upsampled before the forward pass, so a nucleus covers about four times as
+  many cells of the feature map);
 - *crop + context*: the crop features with the context block of the *tile + context* run appended
   (what ``embed_cells(mode="crop", context_um=...)`` computes: the context comes from a tile pass).
 
@@ -54,9 +54,10 @@ from bitro._logging import logger
 ENCODER = "efficientnet_lite0"
 ZOOMED = "tile ×2 + context"
 MODES = ("tile", "tile + context", ZOOMED, "crop", "crop + context")
-#: Magnification of the zoomed tile arm: the tile pass at half the section's µm per pixel
-#: (``bt.pp.embed_cells(tile_mpp=...)``), four times the compute of the native pass.
-TILE_ZOOM = 2.0
+#: µm per pixel of the zoomed tile arm's pass (``bt.pp.embed_cells(tile_mpp=...)``): one value for every
+#: section (fit refuses features of different magnifications), about half HER2ST's 0.69 µm/px, so about
+#: four times the compute of the native pass.
+TILE_MPP = 0.345
 MODELS = ("bitro", "ridge")
 #: Side (µm) of the neighbourhood window of the context arms (about two HER2ST spot diameters).
 CONTEXT_UM = 200.0
@@ -77,7 +78,7 @@ def embed_section(section: str, base: Any, quick: bool, arm: str) -> tuple[Any, 
     """The in-spot cells of ``base`` embedded again (cached): ``arm`` ``"crop"``, ``"context"`` or ``"context_x2"``.
 
     ``"crop"``: crop mode, 33 µm windows. ``"context"``: tile mode with ``context_um=CONTEXT_UM``;
-    ``"context_x2"``: the same at ``TILE_ZOOM`` times the magnification.
+    ``"context_x2"``: the same with the tile pass at ``TILE_MPP`` µm per pixel.
     Returns the tables and the timing of the embedding.
     """
     from benchmarks.accuracy import QUICK_WINDOW
@@ -88,7 +89,7 @@ def embed_section(section: str, base: Any, quick: bool, arm: str) -> tuple[Any, 
     tag = {
         "crop": "crop_inspot",
         "context": f"tile_context{CONTEXT_UM:g}_inspot",
-        "context_x2": f"tile_x{TILE_ZOOM:g}_context{CONTEXT_UM:g}_inspot",
+        "context_x2": f"tile_mpp{TILE_MPP:g}_context{CONTEXT_UM:g}_inspot",
     }[arm]
     path = CACHE_DIR / (cache_key(section, (ENCODER,), tag, QUICK_MAX_CELLS if quick else None))
     if path.exists():
@@ -116,7 +117,7 @@ def embed_section(section: str, base: Any, quick: bool, arm: str) -> tuple[Any, 
             tile_size=PREPROCESS["tile_size"],
             crop_um=PREPROCESS["crop_um"],
             context_um=None if arm == "crop" else CONTEXT_UM,
-            tile_mpp=bt.io.get_mpp(sdata) / TILE_ZOOM if arm == "context_x2" else None,
+            tile_mpp=TILE_MPP if arm == "context_x2" else None,
             device="cpu",
             key_added="X_bitro",
             seed=SEED,
@@ -230,7 +231,7 @@ def run(quick: bool) -> dict[str, Any]:
             "cells": "in-spot cells only" + (f" (first {QUICK_MAX_CELLS} per section)" if quick else ""),
             "encoder": ENCODER,
             "context_um": CONTEXT_UM,
-            "tile_zoom": TILE_ZOOM,
+            "tile_mpp": TILE_MPP,
             "cache_context_um": list(PREPROCESS["context_um"]),
             "folds": [names[f] for f in folds],
             "n_genes": len(genes),
@@ -288,7 +289,7 @@ def markdown(res: dict[str, Any]) -> str:
             *rate("context_seconds", n_in),
         ],
         [
-            f"tile ×{p.get('tile_zoom', TILE_ZOOM):g} + context {p.get('context_um', 0):g} µm (in-spot cells)",
+            f"tile at {p.get('tile_mpp', TILE_MPP):g} µm/px + context {p.get('context_um', 0):g} µm (in-spot cells)",
             n_in,
             *rate("context_x2_seconds", n_in),
         ],
@@ -310,9 +311,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"way); *+ context* = the tile map also pooled over a {p.get('context_um', 0):g} µm window around each "
         "nucleus and appended (`bt.pp.embed_cells(context_um=...)`; for crop + context the context block of "
         "the tile run is appended to the crop features, which is what crop mode with `context_um` computes); "
-        f"*tile ×{p.get('tile_zoom', TILE_ZOOM):g}* = the tile pass at {p.get('tile_zoom', TILE_ZOOM):g} × the "
-        "magnification (`tile_mpp` = the section's µm per pixel / "
-        f"{p.get('tile_zoom', TILE_ZOOM):g}: tiles upsampled before the forward pass). "
+        f"*tile ×2* = the tile pass at {p.get('tile_mpp', TILE_MPP):g} µm per pixel, about twice the sections' "
+        "magnification (`bt.pp.embed_cells(tile_mpp=...)`: tiles upsampled before the forward pass). "
         + (
             "All arms hold identical cells. "
             if same
