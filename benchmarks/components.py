@@ -280,7 +280,8 @@ def summary(
             "diff_sd": float(paired.std(ddof=1)) if len(paired) > 1 else 0.0,
             "wins": int((paired > 0).sum()), "n_paired": len(paired),
         })  # fmt: skip
-    return out
+    order = list(VARIANTS)  # the table's order, whatever order the rows were stored in
+    return sorted(out, key=lambda s: order.index(s["variant"]) if s["variant"] in order else len(order))
 
 
 def markdown(result: dict[str, Any]) -> str:
