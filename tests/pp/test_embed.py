@@ -255,6 +255,11 @@ def test_tile_mpp_runs_the_tile_pass_at_another_magnification(small_sdata):
     for bad in (0, -0.25, "fine", True):
         with pytest.raises(ValueError, match="tile_mpp"):
             bt.pp.embed_cells(small_sdata, key_added="bad", tile_mpp=bad, **kwargs)
+    # no tile pass to set: crop mode without context
+    with pytest.raises(ValueError, match="tile_mpp sets the magnification of a tile pass"):
+        bt.pp.embed_cells(
+            small_sdata, key_added="bad", tile_mpp=mpp, **{**kwargs, "mode": "crop", "context_um": None}
+        )
     assert "bad" not in cells.obsm
 
 

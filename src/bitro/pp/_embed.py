@@ -255,6 +255,13 @@ def embed_cells(
             msg = f"Encoder {enc.name!r} has no feature map, so it cannot run in tile mode; use mode='crop'."
             raise ValueError(msg)
         used_mode = "tile"
+    if tile_mpp is not None and (used_mode == "mask" or (used_mode == "crop" and not context)):
+        msg = (
+            f"tile_mpp sets the magnification of a tile pass, and this call makes none ({used_mode} mode"
+            + (" without context_um" if used_mode == "crop" else f", encoder {enc.name!r}")
+            + "); drop tile_mpp, or use mode='tile' (or context_um in crop mode)."
+        )
+        raise ValueError(msg)
     data = image.data
     fingerprint = {
         "encoder": _encoder_fingerprint(enc),
@@ -273,7 +280,7 @@ def embed_cells(
     }
     if context:  # absent otherwise, so scratch folders written without it stay valid
         fingerprint["context_um"] = list(context)
-    if tile_mpp is not None and used_mode != "mask":  # likewise
+    if tile_mpp is not None:  # likewise
         fingerprint["tile_mpp"] = float(tile_mpp)
     if used_mode == "crop":  # the grouping of tiles into tasks (and the forward batches)
         fingerprint["batch_size"] = int(batch_size)
