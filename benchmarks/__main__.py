@@ -35,6 +35,7 @@ BENCHMARKS = {
     "composition": "benchmarks.composition",
     "shift": "benchmarks.shift",
     "components": "benchmarks.components",
+    "ensemble": "benchmarks.ensemble",
     "spahgc": "benchmarks.spahgc",
     "align": "benchmarks.align",
 }
@@ -48,6 +49,7 @@ FULL_ONLY = (
     "composition",
     "shift",
     "components",
+    "ensemble",
     "spahgc",
     "align",
 )

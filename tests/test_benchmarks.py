@@ -947,3 +947,19 @@ def test_a_components_run_of_some_variants_keeps_the_other_rows(monkeypatch):
     assert out["times"] == [
         {"variant": "default", "test": "C2", "seed": 0, "fit_seconds": 3.0, "reused": True}
     ]
+
+
+def test_ensemble_summary_pairs_the_ensemble_with_its_folds_seed_mean():
+    from benchmarks import ensemble
+
+    rows = []
+    for test, singles, ens in (("C2", (0.10, 0.12), 0.13), ("C3", (0.20, 0.22), 0.20)):
+        rows += [{"test": test, "model": f"seed {i}", "metric": "pcc_gene", "scale": "library_size", "value": v}
+                 for i, v in enumerate(singles)]  # fmt: skip
+        rows.append(
+            {"test": test, "model": "ensemble", "metric": "pcc_gene", "scale": "library_size", "value": ens}
+        )
+    s = ensemble.summary(rows, "pcc_gene", "library_size")
+    assert s["single"] == pytest.approx(0.16) and s["ensemble"] == pytest.approx(0.165)
+    assert s["gain"] == pytest.approx(0.005) and s["wins"] == 1 and s["n"] == 2
+    assert s["per_fold"]["C3"] == pytest.approx((0.21, 0.20))

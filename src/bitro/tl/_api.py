@@ -7,6 +7,7 @@ live (the ``bitro`` command line builds its options from the same fields).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bitro import _keys as K
@@ -118,7 +119,7 @@ def _fit_baseline(sdatas, *, model, level, genes, setup, options, ignored) -> Ba
 
 
 def predict(
-    model: BiTroModel | BaselineModel | CrossSliceModel,
+    model: BiTroModel | BaselineModel | CrossSliceModel | Sequence[BiTroModel],
     sdata: sd.SpatialData,
     *,
     key_added: str = K.PRED,
@@ -132,7 +133,12 @@ def predict(
     Parameters
     ----------
     model
-        A trained model (:func:`fit`, :func:`transfer` or :meth:`bitro.tl.BiTroModel.load`).
+        A trained model (:func:`fit`, :func:`transfer` or :meth:`bitro.tl.BiTroModel.load`), or a list of
+        BiTro models fitted on the same slides and genes with different seeds: their predictions are
+        averaged (each spot's log1p prediction on the target scale, each cell's share of its spot, so the
+        cells still sum to the spot) and written once, with every member in ``uns[key_added]["ensemble"]``.
+        Leave one HER2ST section out, three seeds averaged raised normalised PCC_gene from 0.169 to 0.183
+        (higher on 5 of 5 sections; see the benchmarks page), for three times the training.
     sdata
         The slide, preprocessed like the training slides.
     key_added
@@ -148,13 +154,21 @@ def predict(
     overwrite
         Replace existing prediction keys.
     """
+    if isinstance(model, list | tuple):
+        from functools import partial
+
+        from bitro.tl._ensemble import predict_ensemble
+
+        run = partial(predict_ensemble, model)
+    else:
+        run = model.predict
     if inplace:
-        model.predict(sdata, key_added=key_added, batch_size=batch_size, device=device, overwrite=overwrite)
+        run(sdata, key_added=key_added, batch_size=batch_size, device=device, overwrite=overwrite)
         return None
     from bitro.tl._cv import light_copy
 
     tables = tuple(sdata.tables)
-    return model.predict(
+    return run(
         light_copy(sdata, tables=tables), key_added=key_added, batch_size=batch_size, device=device,
         overwrite=overwrite,
     )  # fmt: skip

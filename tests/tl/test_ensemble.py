@@ -1,0 +1,75 @@
+"""Several BiTro models in one prediction: bt.tl.predict([m0, m1, ...], sdata)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _toy import GENES, make_toy_slide
+
+import bitro as bt
+from bitro.tl._cv import light_copy
+
+FIT = {"genes": GENES, "n_components": 8, "n_phenotypes": 3, "lr": 3e-3, "max_epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def members():
+    train = [make_toy_slide(s) for s in range(2)]
+    return [bt.tl.fit(train, seed=seed, **FIT) for seed in (0, 1)]
+
+
+def _arrays(model, slide):
+    return bt.tl.predict(model, light_copy(slide), inplace=False)
+
+
+def test_an_ensemble_of_one_model_twice_is_that_model(members):
+    test = make_toy_slide(2)
+    alone, twice = _arrays(members[0], test), _arrays([members[0], members[0]], test)
+    for key in ("units", "cells"):
+        np.testing.assert_allclose(twice[key], alone[key], rtol=1e-5, atol=1e-6)
+
+
+def test_the_ensemble_averages_the_members_and_its_cells_sum_to_its_spots(members):
+    test = make_toy_slide(2)
+    a, b = (light_copy(test) for _ in range(2))
+    members[0].predict(a, key_added="m")
+    members[1].predict(b, key_added="m")
+    ens = light_copy(test)
+    bt.tl.predict(members, ens, key_added="ens")
+    spots, cells = ens["spots"], ens["cells"]
+    genes = list(members[0].genes)
+    idx = spots.var_names.get_indexer(genes)
+    pa, pb, pe = (s["spots"].layers[k][:, idx] for s, k in ((a, "m"), (b, "m"), (ens, "ens")))
+    ok = np.isfinite(pe).all(axis=1)
+    assert ok.sum() > 5
+    # on the target scale the ensemble's spot is the mean of the members' (z-scoring is the same affine map)
+    np.testing.assert_allclose(pe[ok], (pa[ok] + pb[ok]) / 2, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(pa[ok], pb[ok])  # the members differ, so averaging does something
+    # the cells of a spot sum to the ensemble's spot exactly, in count space
+    cols = cells.var_names.get_indexer(genes)
+    for sid in spots.obs_names[ok][:5]:
+        under = (cells.obs["spot_id"] == sid).to_numpy()
+        np.testing.assert_allclose(
+            np.expm1(np.asarray(cells.layers["ens"][under][:, cols], dtype=np.float64)).sum(axis=0),
+            np.expm1(np.asarray(spots.layers["ens"][spots.obs_names.get_loc(sid), idx], dtype=np.float64)),
+            rtol=1e-3,
+        )
+    prov = spots.uns["ens"]["ensemble"]
+    assert prov["n_models"] == 2 and list(prov["seeds"]) == [0, 1]
+    assert len(set(prov["weights_sha256"])) == 2
+
+
+def test_models_that_cannot_be_averaged_are_refused(members):
+    test = make_toy_slide(2)
+    with pytest.raises(ValueError, match="at least one model"):
+        bt.tl.predict([], light_copy(test))
+    other_genes = bt.tl.fit([make_toy_slide(0), make_toy_slide(1)], seed=0, **{**FIT, "genes": GENES[:-1]})
+    with pytest.raises(ValueError, match="differs from model 0 in its genes"):
+        bt.tl.predict([members[0], other_genes], light_copy(test))
+    ridge = bt.tl.fit([make_toy_slide(0), make_toy_slide(1)], model="ridge", genes=GENES)
+    with pytest.raises(TypeError, match="Only BiTro models"):
+        bt.tl.predict([members[0], ridge], light_copy(test))
+    untouched = light_copy(test)
+    with pytest.raises(ValueError):
+        bt.tl.predict([members[0], other_genes], untouched)
+    assert "bitro" not in untouched["spots"].layers  # nothing written on a refusal
