@@ -82,8 +82,6 @@ def predict_ensemble(
     Returns the arrays written (see :meth:`bitro.tl.BiTroModel.predict`); the provenance in ``uns`` is the
     first member's with ``ensemble`` = every member's seed and weights hash.
     """
-    from bitro.tl._predict import write_predictions
-
     members = check_members(models)
     first = members[0]
     bags, is_unit, z, attn = first.predict_bags(sdata, batch_size=batch_size, device=device)
@@ -96,22 +94,18 @@ def predict_ensemble(
         z += zm
         attn += am
     z, attn = (z / len(members)).astype(np.float32), (attn / len(members)).astype(np.float32)
-    provenance = first._provenance()
-    provenance["domain_outside"] = first._check_domain(sdata)
-    provenance["ensemble"] = {
+    ensemble = {
         "n_models": len(members),
         "seeds": [int(m.seed) for m in members],
         "weights_sha256": [m.weights_hash() for m in members],
     }
-    return write_predictions(
+    return first.write_outputs(
         sdata,
-        first.state,
-        first._level,
         bags,
         is_unit,
         z,
         attn,
         key_added=key_added,
-        provenance=provenance,
         overwrite=overwrite,
+        provenance={"ensemble": ensemble},
     )

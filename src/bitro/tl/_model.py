@@ -317,11 +317,30 @@ class BiTroModel:
         -------
         dict with the arrays written (``units``, ``cells``, and ``bulk`` at bulk level).
         """
+        bags, is_unit, z, attn = self.predict_bags(sdata, batch_size=batch_size, device=device)
+        return self.write_outputs(sdata, bags, is_unit, z, attn, key_added=key_added, overwrite=overwrite)
+
+    def write_outputs(
+        self,
+        sdata: sd.SpatialData,
+        bags: BagSet,
+        is_unit: np.ndarray,
+        z: np.ndarray,
+        attn: np.ndarray,
+        *,
+        key_added: str,
+        overwrite: bool,
+        provenance: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write the outputs of :meth:`predict_bags` (or an average of several models') with this model's provenance.
+
+        ``provenance``: entries added to the model's own (e.g. the members of an ensemble).
+        """
         from bitro.tl._predict import write_predictions
 
-        bags, is_unit, z, attn = self.predict_bags(sdata, batch_size=batch_size, device=device)
-        provenance = self._provenance()
-        provenance["domain_outside"] = self._check_domain(sdata)
+        prov = self._provenance()
+        prov["domain_outside"] = self._check_domain(sdata)
+        prov.update(provenance or {})
         return write_predictions(
             sdata,
             self.state,
@@ -331,7 +350,7 @@ class BiTroModel:
             z,
             attn,
             key_added=key_added,
-            provenance=provenance,
+            provenance=prov,
             overwrite=overwrite,
         )
 
