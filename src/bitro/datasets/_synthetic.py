@@ -141,31 +141,28 @@ def _spot_grid(
     return np.column_stack([x[inside], y[inside]]), ids
 
 
+def _number_in(value: object, lo: float, hi: float) -> bool:
+    """``value`` is a real number (not a bool) in ``[lo, hi]``."""
+    number = (int, float, np.integer, np.floating)
+    return not isinstance(value, bool) and isinstance(value, number) and lo <= value <= hi
+
+
 def _check_mixing(domain_size_um: float, mixing: float, composition_sd: float = 0.0) -> None:
     lo, hi = DOMAIN_SIZE_RANGE_UM
-    number = (int, float, np.integer, np.floating)
-    if (
-        isinstance(domain_size_um, bool)
-        or not isinstance(domain_size_um, number)
-        or not lo <= domain_size_um <= hi
-    ):
+    if not _number_in(domain_size_um, lo, hi):
         msg = (
             f"domain_size_um must be a number of µm in [{lo:g}, {hi:g}], got {domain_size_um!r}; "
             f"{R.DOMAIN_SIZE_UM:g} (the default) makes domains about one ST spot wide."
         )
         raise ValueError(msg)
-    if isinstance(mixing, bool) or not isinstance(mixing, number) or not 0.0 <= mixing <= 1.0:
+    if not _number_in(mixing, 0.0, 1.0):
         msg = (
             f"mixing must be a number in [0, 1] (share of cells whose type ignores the domains), got {mixing!r}; "
             f"0 gives pure domains, 1 no domains, {R.MIXING:g} is the default."
         )
         raise ValueError(msg)
     lo, hi = COMPOSITION_SD_RANGE
-    if (
-        isinstance(composition_sd, bool)
-        or not isinstance(composition_sd, number)
-        or not lo <= composition_sd <= hi
-    ):
+    if not _number_in(composition_sd, lo, hi):
         msg = (
             f"composition_sd must be a number in [{lo:g}, {hi:g}] (standard deviation of each slide's log "
             f"cell-type weights), got {composition_sd!r}; 0 (the default) gives every slide the same "
