@@ -133,6 +133,18 @@ def load_sections(quick: bool) -> dict[str, Any]:
     return {s: cached_section(s, encoders=ENCODERS, window=window) for s in SECTIONS}
 
 
+def seed_study_inputs(quick: bool) -> tuple[dict[str, Any], list[str], list[str], dict[str, Any]]:
+    """``(sections, names, genes, fit kwargs)`` of the studies that refit the default over folds × seeds.
+
+    The accuracy benchmark's sections and training settings; ``--quick`` trains 3 epochs.
+    """
+    sections = load_sections(quick)
+    kw = dict(QUICK_BITRO_KW if quick else BITRO_KW)
+    if quick:
+        kw["max_epochs"] = 3
+    return sections, list(sections), kit_genes(sections), kw
+
+
 def _fit(run: dict[str, Any], train: list, genes: list[str], kw: dict[str, Any]):
     import bitro as bt
 

@@ -27,7 +27,6 @@ from benchmarks._common import (
     SECTIONS,
     SETTINGS,
     features_label,
-    kit_genes,
     md_table,
     metadata,
     write_result,
@@ -139,19 +138,14 @@ def _reusable(kw: dict[str, Any]) -> dict[tuple[str, str, int], list[dict[str, A
 
 def run(quick: bool) -> dict[str, Any]:
     """Fit every variant on every fold and seed; return rows, fit times and the Markdown section."""
-    from benchmarks.accuracy import BITRO_KW, QUICK_BITRO_KW, load_sections
+    from benchmarks.accuracy import seed_study_inputs
 
     import bitro as bt
     from bitro.tl._cv import light_copy
 
     bt.settings.progress = False
     t0 = time.perf_counter()
-    sections = load_sections(quick)
-    names = list(sections)
-    genes = kit_genes(sections)
-    kw = {k: v for k, v in (QUICK_BITRO_KW if quick else BITRO_KW).items()}
-    if quick:
-        kw["max_epochs"] = 3
+    sections, names, genes, kw = seed_study_inputs(quick)
     folds, seeds, variants = _plan(quick)
     reused = {} if quick else _reusable(kw)
     # stored rows this run does not visit (other variants, folds or seeds) stay in the result: a run of a

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import numpy as np
-from benchmarks._common import kit_genes, md_table, metadata
+from benchmarks._common import md_table, metadata
 
 from bitro._logging import logger
 
@@ -32,19 +32,14 @@ def _score(bt: Any, test: Any, layer: str) -> dict[tuple[str, str], float]:
 
 def run(quick: bool) -> dict[str, Any]:
     """Fit the default with every seed on every fold; score each model and their ensemble."""
-    from benchmarks.accuracy import BITRO_KW, QUICK_BITRO_KW, load_sections
+    from benchmarks.accuracy import seed_study_inputs
 
     import bitro as bt
     from bitro.tl._cv import light_copy
 
     bt.settings.progress = False
     t0 = time.perf_counter()
-    sections = load_sections(quick)
-    names = list(sections)
-    genes = kit_genes(sections)
-    kw = dict(QUICK_BITRO_KW if quick else BITRO_KW)
-    if quick:
-        kw["max_epochs"] = 3
+    sections, names, genes, kw = seed_study_inputs(quick)
     folds = [0] if quick else list(range(len(names)))
     rows, times = [], []
     for f in folds:

@@ -931,7 +931,7 @@ def test_a_components_run_of_some_variants_keeps_the_other_rows(monkeypatch):
         ("+ GAT", "C2", 1): [row("+ GAT", "C2", 1, 0.4)],  # and a seed it does not plan
     }
     monkeypatch.setattr(acc, "load_sections", lambda quick: {"C2": None, "C3": None})
-    monkeypatch.setattr(comp, "kit_genes", lambda sections: ["A"])
+    monkeypatch.setattr(acc, "kit_genes", lambda sections: ["A"])
     monkeypatch.setattr(comp, "_plan", lambda quick: ([0, 1], [0], ["default"]))
     monkeypatch.setattr(comp, "_reusable", lambda kw: stored)
     out = comp.run(False)  # every planned run is stored: nothing is fitted
