@@ -138,7 +138,8 @@ def _reusable(kw: dict[str, Any]) -> dict[tuple[str, str, int], list[dict[str, A
 
 def run(quick: bool) -> dict[str, Any]:
     """Fit every variant on every fold and seed; return rows, fit times and the Markdown section."""
-    from benchmarks.accuracy import seed_study_inputs
+    from benchmarks.accuracy import QUICK_WINDOW, seed_study_inputs
+    from benchmarks.shift import fold_copies
 
     import bitro as bt
     from bitro.tl._cv import light_copy
@@ -170,7 +171,7 @@ def run(quick: bool) -> dict[str, Any]:
                 slides = train
                 if opts.get(AUGMENT_OPTION):
                     if copies is None:
-                        copies = fold_copies(names, test_name, quick)
+                        copies = fold_copies(names, test_name, QUICK_WINDOW if quick else SETTINGS["window"])
                     slides = [*train, *copies]
                 fit_opts = {k: v for k, v in opts.items() if k != AUGMENT_OPTION}
                 t = time.perf_counter()
@@ -192,18 +193,6 @@ def run(quick: bool) -> dict[str, Any]:
                     write_result(NAME, out)
     # every row may have been reused (nothing fitted): the result is still the whole table
     return _result(quick, t0, names, folds, seeds, variants, kw, genes, rows, times)
-
-
-def fold_copies(names: list[str], test_name: str, quick: bool) -> list[Any]:
-    """Augmented copies of a fold's training sections (cached; never a copy of the held-out section)."""
-    from benchmarks.accuracy import QUICK_WINDOW
-    from benchmarks.shift import AUGMENTS, augmented_section, training_copies
-
-    window = QUICK_WINDOW if quick else SETTINGS["window"]
-    augmented = {
-        n: [augmented_section(n, i, window) for i in range(len(AUGMENTS))] for n in names if n != test_name
-    }
-    return training_copies(augmented, test_name)
 
 
 def _unpack(stored: dict[tuple[str, str, int], list[dict[str, Any]]]) -> tuple[list[dict], list[dict]]:

@@ -224,6 +224,14 @@ def training_copies(augmented: dict[str, list[Any]], test_name: str) -> list[Any
     return out
 
 
+def fold_copies(names: list[str], test_name: str, window: int | None) -> list[Any]:
+    """Augmented copies of a fold's training sections (cached; never a copy of the held-out section)."""
+    augmented = {
+        n: [augmented_section(n, i, window) for i in range(len(AUGMENTS))] for n in names if n != test_name
+    }
+    return training_copies(augmented, test_name)
+
+
 def repeated_copies(train: list[Any], n: int) -> list[Any]:
     """``n`` plain copies of every training window under new sample ids: the control of augmentation.
 
@@ -401,15 +409,9 @@ def run(quick: bool) -> dict[str, Any]:
             slides = train
             if run_name == AUGMENTED:  # the fold's copies only, loaded for this fit and dropped after it
                 t_aug = time.perf_counter()
-                augmented = {
-                    n: [augmented_section(n, i, window) for i in range(len(AUGMENTS))]
-                    for n in names
-                    if n != test_name
-                }
+                slides = [*train, *fold_copies(names, test_name, window)]
                 speed.append({"fold": f, "test": test_name, "what": "augmented copies (preprocessing when not cached)",
                               "seconds": round(time.perf_counter() - t_aug, 2)})  # fmt: skip
-                slides = [*train, *training_copies(augmented, test_name)]
-                del augmented
                 t_fit = time.perf_counter()  # the fit alone (the loading has its own row)
             elif run_name == REPEATED:
                 slides = [*train, *repeated_copies(train, len(AUGMENTS))]
