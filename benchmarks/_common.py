@@ -226,7 +226,7 @@ def write_result(name: str, result: dict[str, Any], *, results_dir: Path = RESUL
         raise ValueError(msg)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")  # two runs writing at once never share a temporary
     tmp.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     tmp.replace(path)
     return path

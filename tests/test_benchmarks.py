@@ -708,9 +708,38 @@ def test_spahgc_markdown_reports_seeds_undefined_genes_and_the_honest_reading():
     assert "5.0 of 785" in md and f"{0.14 * 785 / 780:.3f}" in md  # undefined genes, mean over the defined
     assert "above ridge (0.080)" in md and "above retrieval (0.090)" in md
     assert "below bitro (0.160) — SpaHGC does not beat bitro here" in md
-    assert "Without exemplars, normalised PCC_gene drops from 0.140 to 0.120" in md
+    assert (
+        "Without exemplars, normalised PCC_gene is 0.120, below the default's 0.140; per section "
+        "-0.020 ± 0.000, higher on 0 of 2." in md
+    )
     assert "### Exemplar index" in md and "Caution" not in md
     assert spahgc.markdown({**fake_spahgc(), "rows": []}).endswith("No results.\n")
+
+
+def test_a_spahgc_run_of_some_folds_keeps_the_stored_rows_of_the_others(tmp_path, monkeypatch):
+    from benchmarks import spahgc
+
+    monkeypatch.setattr(spahgc, "RESULTS_DIR", tmp_path)
+    stored = fake_spahgc()  # folds C2 and C3
+    common.write_result("spahgc", stored, results_dir=tmp_path)
+    monkeypatch.setenv("BITRO_SPAHGC_FOLDS", "C3")
+    visit = spahgc._folds_to_run(["C2", "C3"])
+    new = fake_spahgc()
+    new["rows"] = [{**r, "value": r["value"] + 1.0} for r in new["rows"] if r["test"] == "C3"]
+    new["speed"] = [r for r in new["speed"] if r["test"] == "C3"]
+    new["index_scaling"] = []
+    merged = spahgc._with_other_folds(new, visit)
+    assert {r["test"] for r in merged["rows"]} == {"C2", "C3"}
+    assert len(merged["rows"]) == len(stored["rows"])
+    assert all(r["value"] > 1 for r in merged["rows"] if r["test"] == "C3")  # this run's C3, not the stored
+    assert all(r["value"] < 1 for r in merged["rows"] if r["test"] == "C2")
+    assert merged["index_scaling"] == stored["index_scaling"] and "C2, C3" in merged["markdown"]
+    quick = {**fake_spahgc(), "meta": {**META, "quick": True}}  # another protocol is never mixed in
+    common.write_result("spahgc", quick, results_dir=tmp_path)
+    assert spahgc._with_other_folds(new, visit)["rows"] == new["rows"]
+    monkeypatch.setenv("BITRO_SPAHGC_FOLDS", "C9")
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['C9'\]"):
+        spahgc._folds_to_run(["C2", "C3"])
 
 
 def test_align_markdown_reports_chance_and_the_honest_reading():

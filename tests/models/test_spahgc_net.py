@@ -59,17 +59,21 @@ def test_without_exemplars_only_the_targets_are_read():
     assert not any("reference" in name for name, _ in net.named_parameters())
 
 
-def test_an_untrained_net_starts_at_the_similarity_weighted_exemplar_mean():
-    # zero the head: y is then the pooled exemplar expression, pooled by softmax(similarity) at start
+@pytest.mark.parametrize("init", [0.0, 1.0, 0.5])
+def test_the_exemplar_residual_starts_at_its_configured_scale(init):
+    # zero the head: y is then init × the pooled exemplar expression, pooled by softmax(similarity) at start
     torch.manual_seed(0)
-    net = SpaHGCNet(_config())
+    net = SpaHGCNet(_config(exemplar_residual_init=init))
     torch.nn.init.zeros_(net.head[-1].weight)
     torch.nn.init.zeros_(net.head[-1].bias)
     x, edges, sim = _graph()
     y = net(x, edges, sim)["y"]
     w = torch.softmax(sim.view(T, K), dim=1)
     expr = x["reference"][:, D_IN:].view(T, K, G)
-    torch.testing.assert_close(y, (w[:, :, None] * expr).sum(1))
+    torch.testing.assert_close(y, init * (w[:, :, None] * expr).sum(1))
+    net.exemplar_scale.data.fill_(3.0)
+    net.reset_parameters()
+    torch.testing.assert_close(net.exemplar_scale.data, torch.full((G,), init))
 
 
 def test_messages_travel_only_along_the_graph():
@@ -178,6 +182,9 @@ def test_config_validation_and_round_trip():
         SpaHGCConfig(n_genes=2, in_dim=3, hidden_dim=10, heads=4)
     with pytest.raises(ValueError, match="reference_mask_ratio"):
         SpaHGCConfig(n_genes=2, in_dim=3, reference_mask_ratio=0.8)
+    with pytest.raises(ValueError, match=r"exemplar_residual_init must be a number in \[0, ∞\)"):
+        SpaHGCConfig(n_genes=2, in_dim=3, exemplar_residual_init=-1.0)
+    assert SpaHGCConfig(n_genes=2, in_dim=3).exemplar_residual_init == 0.0
     with pytest.raises(ValueError, match="Unknown SpaHGCConfig"):
         SpaHGCConfig.from_dict({"n_genes": 2, "in_dim": 3, "k": 5})
     with pytest.raises(TypeError, match="SpaHGCConfig"):

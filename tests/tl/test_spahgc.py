@@ -80,12 +80,13 @@ def test_batches_give_the_whole_slide_prediction(trained, slides):
 
 # ---------------------------------------------------------------------------------- training
 def test_training_exemplars_come_from_other_slides_and_never_from_validation(trained):
+    from bitro.tl._data import validation_groups
+
     slides = trained._training_data(0.2)
     index = trained.index
     rng = np.random.default_rng(trained.seed)
-    from bitro.tl._spahgc_train import split_spots
-
-    val_rows = np.flatnonzero(split_spots(index.n_references, 0.2, rng))
+    # no augmented copies: every spot is its own group, drawn one by one
+    val_rows = np.flatnonzero(validation_groups(np.arange(index.n_references), 0.2, rng))
     start = 0
     for s, slide in enumerate(slides):
         rows = slide.graph.data["reference"].bank_row.numpy()
@@ -97,6 +98,39 @@ def test_training_exemplars_come_from_other_slides_and_never_from_validation(tra
         assert np.isin(slide.val + start, val_rows).all()
         start += n
     assert sum(len(s.val) for s in slides) == len(val_rows) > 0
+
+
+def _copy_of(sdata, i: int):
+    """What bt.pp.augment_slide records on a copy (its own sample id, its source), with shifted features."""
+    from bitro.tl._cv import light_copy
+
+    source = sdata.attrs["bitro_scale"]["sample_id"]
+    copy = light_copy(sdata)
+    copy.attrs["bitro_scale"] = {**copy.attrs["bitro_scale"], "sample_id": f"{source}_aug{i}"}
+    copy.attrs["bitro_augment"] = [{"source_sample_id": source, "sample_id": f"{source}_aug{i}"}]
+    copy["cells"].obsm["X_bitro"] = copy["cells"].obsm["X_bitro"] * (1.0 + 0.05 * (i + 1))
+    return copy
+
+
+def test_augmented_copies_are_never_exemplars_of_their_source_nor_split_from_it(slides):
+    train = [slides[0], _copy_of(slides[0], 0), slides[1], _copy_of(slides[1], 0)]
+    m = bt.tl.fit(train, model="spahgc", config=NET, max_epochs=1, n_exemplars=3, **FIT)
+    data = m._training_data(0.3)
+    index = m.index
+    source = {0: 0, 1: 0, 2: 1, 3: 1}  # training slide -> its sample
+    ref_sample = np.array([source[m.train_slides.index(index.slide_names[c])] for c in index.slide_codes])
+    val_ids = [set(), set()]
+    for s, slide in enumerate(data):
+        rows = slide.graph.data["reference"].bank_row.numpy()
+        assert (ref_sample[rows] != source[s]).all()  # never the slide itself nor a copy of it
+        val_ids[source[s]] |= set(m._tables[s].spot_ids[slide.val])
+    for s, slide in enumerate(data):  # a spot and its copy are on the same side of the split
+        train_ids = set(m._tables[s].spot_ids[slide.train])
+        assert not train_ids & val_ids[source[s]]
+        assert set(m._tables[s].spot_ids[slide.val]) == val_ids[source[s]]
+    assert all(val_ids)
+    with pytest.raises(ValueError, match=r"all copies of one sample \('toy0'.*use_exemplars"):
+        bt.tl.fit(train[:2], model="spahgc", config=NET, max_epochs=1, n_exemplars=3, **FIT)
 
 
 def test_fit_records_history_and_training_options(trained):

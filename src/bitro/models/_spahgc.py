@@ -19,8 +19,9 @@ Layers: ``num_layers`` × ``HeteroConv`` with GraphSAGE on the two same-type edg
 :class:`CrossNodeAttention` on reference → target edges (keys and values from the exemplars'
 representation, which starts from embedding ‖ expression); then :class:`ExemplarPooling` pools each
 target's exemplars by attention and a gene head reads ``[target ‖ pooled exemplars]``, plus a per-gene
-scale of the pooled exemplar expression (starts at 1, so an untrained net begins near the
-similarity-weighted exemplar mean).
+scale of the pooled exemplar expression (starts at ``config.exemplar_residual_init``: 0 by default,
+so the network learns how much of the exemplar mean to add; 1 starts it at the similarity-weighted
+exemplar mean).
 
 Output of :meth:`SpaHGCNet.forward`: ``dict(y=(T, G), target=(T, D), reference=(R, D),
 weights=(E,))`` — predictions in the target space, final node representations and the pooling
@@ -258,14 +259,16 @@ class SpaHGCNet(nn.Module):
         self.pooling = ExemplarPooling(d) if config.use_exemplars else None
         width = 2 * d if config.use_exemplars else d
         self.head = nn.Sequential(nn.Linear(width, d), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(d, g))
-        self.exemplar_scale = nn.Parameter(torch.ones(g)) if config.use_exemplars else None
+        self.exemplar_scale = (
+            nn.Parameter(torch.full((g,), float(config.exemplar_residual_init))) if config.use_exemplars else None
+        )
 
     def reset_parameters(self) -> None:
-        """Re-initialise all weights (the exemplar scale at 1)."""
+        """Re-initialise all weights (the exemplar scale at ``config.exemplar_residual_init``)."""
         self.encoder.reset_parameters()
         if self.pooling is not None:
             self.pooling.reset_parameters()
-            nn.init.ones_(self.exemplar_scale)
+            nn.init.constant_(self.exemplar_scale, float(self.config.exemplar_residual_init))
         for layer in self.head:
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()

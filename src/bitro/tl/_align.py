@@ -296,8 +296,8 @@ def align_encoder(
     from bitro.tl._align_data import CellInputs, SpotPairs, slide_pairs
     from bitro.tl._align_train import train_alignment
     from bitro.tl._cross_slice import _slide_counts
+    from bitro.tl._data import source_sample, unit_groups, validation_groups
     from bitro.tl._setup import as_slides, check_same_encoder, slide_name
-    from bitro.tl._spahgc_train import split_spots
     from bitro.tl._targets import TargetTransform
 
     setup_opts, train_opts, align_opts = split_options(
@@ -336,7 +336,10 @@ def align_encoder(
     for p in parts:  # the pairs hold counts so far: normalise with the training statistics
         p.z = transform.encode(p.z).astype(np.float32)
     pairs = SpotPairs.concat(parts)
-    val_mask = split_spots(len(pairs), train_cfg.validation_fraction, np.random.default_rng(setup.seed))
+    # the augmented copies of a validation spot are validation spots too (see SpotLevel.split)
+    sources = {n: source_sample(s, get_table(s, setup.spots_key), n) for s, n in zip(sdatas, names, strict=True)}
+    group = unit_groups(np.array([sources[n] for n in pairs.slide], dtype=object), pairs.spot_ids)
+    val_mask = validation_groups(group, train_cfg.validation_fraction, np.random.default_rng(setup.seed))
     net = _build_net(cfg, inputs.dim, len(genes), seed=setup.seed)
     val = pairs.subset(np.flatnonzero(val_mask)) if val_mask.any() else None
     history, summary = train_alignment(

@@ -303,7 +303,7 @@ def build_bags(
     )
     # a unit shown by several slides (augmented copies of one source) is one group
     source = np.concatenate(parts["source"]) if parts["source"] else np.zeros(0, dtype=object)
-    bags.bag_group = pd.factorize(pd.Series(source.astype(str)) + "\x00" + bags.bag_ids)[0].astype(np.int64)
+    bags.bag_group = unit_groups(source, bags.bag_ids)
     if context_um:
         d = parts["feat"][0].shape[1]
         bags.ctx_features = np.concatenate(parts["cfeat"]) if parts["cfeat"] else np.zeros((0, d), np.float32)
@@ -313,6 +313,29 @@ def build_bags(
         msg = f"No {units_key} contain any cell: check that cells and {units_key} share coordinates (run bt.pp.assign_cells)."
         raise ValueError(msg)
     return bags, unit_names
+
+
+def validation_groups(group: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean validation mask over units drawn by ``group``: a ``fraction`` of the groups, all their units.
+
+    ``group``: ``(n,)`` integer group of each unit, ``0 .. n_groups - 1`` (the augmented copies of one
+    source spot share a group; ``np.arange(n)`` draws units one by one). At least one group goes to
+    validation when ``fraction > 0`` and there are two or more. The draw is ``rng.permutation(n_groups)``.
+    """
+    group = np.asarray(group, dtype=np.int64)
+    n = int(group.max()) + 1 if len(group) else 0
+    n_val = round(fraction * n)
+    if fraction > 0 and n_val == 0 and n >= 2:
+        n_val = 1
+    is_val = np.zeros(n, dtype=bool)
+    is_val[rng.permutation(n)[:n_val]] = True
+    return is_val[group]
+
+
+def unit_groups(sources: np.ndarray, unit_ids: np.ndarray) -> np.ndarray:
+    """``(n,)`` group of each unit: units with the same source sample and id (augmented copies) share one."""
+    key = pd.Series(np.asarray(sources).astype(str)) + "\x00" + pd.Series(np.asarray(unit_ids).astype(str))
+    return pd.factorize(key)[0].astype(np.int64)
 
 
 def source_sample(sdata: sd.SpatialData, units: Any, sample_id: str) -> str:

@@ -245,15 +245,12 @@ class SpotLevel(Level):
         validation with it, never to training, so early stopping is not judged on spots the model has
         seen under another scale or stain. Without copies every spot is its own group.
         """
+        from bitro.tl._data import validation_groups
+
         bags = data.bags
         group = np.arange(bags.n_bags) if bags.bag_group is None else bags.bag_group
-        n = int(group.max()) + 1 if len(group) else 0
-        n_val = round(fraction * n)
-        if fraction > 0 and n_val == 0 and n >= 2:
-            n_val = 1
-        is_val = np.zeros(n, dtype=bool)
-        is_val[rng.permutation(n)[:n_val]] = True
-        return np.flatnonzero(~is_val[group]), np.flatnonzero(is_val[group])
+        is_val = validation_groups(group, fraction, rng)
+        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
     def steps(self, data, idx, batch_size, rng):
         """Shuffled batches of ``batch_size`` spots."""

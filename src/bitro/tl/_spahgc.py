@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bitro.io._build import get_table
 from bitro.tl._configs import TrainConfig, split_options
 from bitro.tl._cross_slice import CrossSliceModel, _options
 
@@ -113,19 +114,44 @@ class SpaHGCModel(CrossSliceModel):
         return self
 
     def _training_data(self, fraction: float) -> list[Any]:
-        """Each training slide's graph (exemplars from the other slides, not validation spots) and split."""
-        from bitro.tl._spahgc_train import SlideTrainingData, split_spots
+        """Each training slide's graph and split.
+
+        Exemplars come from the other slides, never from validation spots and never from a slide of the
+        same source sample (an augmented copy of the slide, :func:`bitro.pp.augment_slides`, would offer
+        its own spots under another scale or stain). Validation spots are drawn by source spot: the copies
+        of a validation spot are validation spots too.
+        """
+        from bitro.tl._data import source_sample, unit_groups, validation_groups
+        from bitro.tl._spahgc_train import SlideTrainingData
 
         index = self.index
-        val = split_spots(index.n_references, fraction, np.random.default_rng(self.seed))
+        key = self.setup.spots_key
+        sources = np.array(
+            [source_sample(s, get_table(s, key), t.slide) for s, t in zip(self._sdatas, self._tables, strict=True)],
+            dtype=object,
+        )
+        sizes = [len(t.x) for t in self._tables]
+        ref_source = np.repeat(sources, sizes)
+        group = unit_groups(ref_source, np.concatenate([t.spot_ids for t in self._tables]))
+        if self.config.use_exemplars and len(set(sources)) < 2:
+            msg = (
+                f"The training slides {self.train_slides} are all copies of one sample ({sources[0]!r}, "
+                "bt.pp.augment_slides): SpaHGC takes a spot's exemplars from other samples only, so no training "
+                "spot has one. Add slides of another sample, or use config={'use_exemplars': False}."
+            )
+            raise ValueError(msg)
+        val = validation_groups(group, fraction, np.random.default_rng(self.seed))
         out, start = [], 0
-        for table, z in zip(self._tables, self._z, strict=True):
+        for table, z, source in zip(self._tables, self._z, sources, strict=True):
             rows = np.arange(start, start + len(table.x))
             start += len(table.x)
             exemplars = None
             if self.config.use_exemplars:
                 exemplars = index.query(
-                    table.x, self.cross_slice.n_exemplars, query_slides=table.slide, exclude=val
+                    table.x,
+                    self.cross_slice.n_exemplars,
+                    query_slides=table.slide,
+                    exclude=val | (ref_source == source),
                 )
             graph = self._graph(table, exemplars)
             out.append(SlideTrainingData(graph, z, np.flatnonzero(~val[rows]), np.flatnonzero(val[rows])))

@@ -2,7 +2,7 @@
 
 It honours the :class:`~bitro.tl.TrainConfig` fields as BiTro's trainer does: ``max_epochs``, ``lr``,
 ``weight_decay``, ``grad_clip``, ``patience``, ``validation_fraction`` (a random share of the
-training spots, never a held-out slide), ``batch_size`` (target spots per optimiser step) and
+training spots drawn by source spot, never a held-out slide), ``batch_size`` (target spots per optimiser step) and
 ``device`` (``None``: ``bt.settings.device``). ``max_cells_per_step`` is a bulk-level option and does
 not apply; ``checkpoint_dir`` is refused (not supported for this model).
 
@@ -78,16 +78,6 @@ def run_graph(net: Any, graph: SlideGraph, seeds: np.ndarray, *, batch_size: int
                 .numpy()
             )
     return np.concatenate(out) if out else np.zeros((0, net.config.n_genes), dtype=np.float32)
-
-
-def split_spots(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A boolean validation mask over ``n`` training spots (at least one when ``fraction > 0`` and ``n ≥ 2``)."""
-    n_val = round(fraction * n)
-    if fraction > 0 and n_val == 0 and n >= 2:
-        n_val = 1
-    mask = np.zeros(n, dtype=bool)
-    mask[rng.permutation(n)[:n_val]] = True
-    return mask
 
 
 def train_spahgc(
