@@ -226,6 +226,38 @@ def test_replace_path_keeps_the_old_output_when_writing_fails(tmp_path):
     assert target.is_dir() and not any(target.iterdir())
 
 
+def test_fit_n_models_saves_an_ensemble_that_predict_and_transfer_read(toy, tmp_path, capsys):
+    ens = tmp_path / "ens"
+    assert main(["fit", str(toy["s0"]), str(toy["s1"]), "--out", str(ens), "--n-models", "2", *TINY]) == 0
+    manifest = json.loads((ens / "ensemble.json").read_text())
+    assert [m["seed"] for m in manifest["members"]] == [0, 1]
+    out = tmp_path / "pred.zarr"
+    assert main(["predict", str(ens), str(toy["s2"]), "--out", str(out)]) == 0
+    spots = sd.read_zarr(out).tables["spots"]
+    assert spots.uns["bitro"]["ensemble"]["n_models"] == 2
+    assert np.isfinite(spots.layers["bitro"][:, spots.var_names.get_indexer(GENES)]).all()
+    # --overwrite replaces the ensemble bitro wrote (an ensemble folder is not a single model's)
+    assert (
+        main(
+            [
+                "fit",
+                str(toy["s0"]),
+                str(toy["s1"]),
+                "--out",
+                str(ens),
+                "--n-models",
+                "2",
+                "--overwrite",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["fit", str(toy["s0"]), "--out", str(ens), "--n-models", "0", *TINY]) == 2
+    assert "--n-models" in capsys.readouterr().err
+
+
 def test_overwrite_never_deletes_a_folder_bitro_did_not_write(toy, tmp_path, capsys):
     """``--overwrite`` replaces bitro's own model folder / metrics CSV, never the user's files."""
     s0 = str(toy["s0"])
@@ -552,5 +584,7 @@ def test_every_option_of_every_command_has_help_and_states_its_default():
                 and action.default not in (None, False, argparse.SUPPRESS)
                 and "default" not in action.help
             ):
-                missing.append(f"{name} {'/'.join(action.option_strings)}: default {action.default!r} not stated")
+                missing.append(
+                    f"{name} {'/'.join(action.option_strings)}: default {action.default!r} not stated"
+                )
     assert not missing, missing

@@ -404,15 +404,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"train baselines in Python with bt.tl.fit(..., model={args.model!r})."
         )
         raise ValueError(msg)
-    target = check_output(args.out, overwrite=args.overwrite, kind="model")
+    kind = "ensemble" if args.n_models > 1 else "model"
+    target = check_output(args.out, overwrite=args.overwrite, kind=kind)
     genes = read_genes(args.genes)
     config = parse_config(args.config)
     check_net_config(config, f"--config {args.config}")
     setup, train = training_options(args)
     sdatas = _read_all(args.train)
-    model = bt.tl.fit(sdatas, level=args.level, genes=genes, config=config, **setup, **train)
+    model = bt.tl.fit(
+        sdatas, level=args.level, genes=genes, config=config, n_models=args.n_models, **setup, **train
+    )
     model.save(target, overwrite=args.overwrite)
-    logger.info("%r trained for %d epochs; saved to %s", model, len(model.history.get("epoch", [])), target)
+    logger.info("%r trained; saved to %s", model, target)
     out(str(target))
     return 0
 
@@ -420,11 +423,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     """``bitro transfer``: fine-tune a saved model on another level and save the new model."""
     import bitro as bt
+    from bitro.tl._ensemble_model import load_model
 
-    target = check_output(args.out, overwrite=args.overwrite, kind="model")
+    model = load_model(args.model_dir)
+    kind = "model" if isinstance(model, bt.tl.BiTroModel) else "ensemble"
+    target = check_output(args.out, overwrite=args.overwrite, kind=kind)
     genes = read_genes(args.genes)
     setup, train = training_options(args)
-    model = bt.tl.BiTroModel.load(args.model_dir)
     sdatas = _read_all(args.data)
     new = bt.tl.transfer(
         model,
@@ -446,12 +451,12 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``bitro predict``: load a model, predict one slide, write a new zarr or update it in place."""
-    from bitro.tl._model import BiTroModel
+    from bitro.tl._ensemble_model import load_model
 
     target = None if args.inplace else check_output(args.out, overwrite=args.overwrite, kind="zarr")
     if args.device is not None:
         check_device(args.device)
-    model = BiTroModel.load(args.model_dir)
+    model = load_model(args.model_dir)
     sdata = read_sdata(args.data)
     model.predict(
         sdata,

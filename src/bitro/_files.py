@@ -33,7 +33,9 @@ ZARR_ENTRIES = frozenset(
         "bitro_integrity.json",
     }
 )
-OutputKind = Literal["model", "zarr", "csv"]
+#: The manifest of a saved ensemble folder (``BiTroEnsemble.save``), beside its ``model_<i>`` folders.
+ENSEMBLE_FILE = "ensemble.json"
+OutputKind = Literal["model", "ensemble", "zarr", "csv"]
 
 
 def remove_path(path: Path) -> None:
@@ -42,6 +44,25 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _foreign_ensemble(path: Path, entries: set[str], header: str | None) -> str | None:
+    """Why the folder ``path`` is not an ensemble bitro saved: ``ensemble.json`` and model folders only."""
+    try:
+        manifest = json.loads((path / ENSEMBLE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"it has no readable {ENSEMBLE_FILE}"
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("bitro-ensemble/"):
+        return f"its {ENSEMBLE_FILE} is not a bitro ensemble manifest"
+    members = sorted(entries - {ENSEMBLE_FILE})
+    extra = [m for m in members if not m.startswith("model_")]
+    if extra:
+        return f"it holds files a bitro ensemble folder does not ({extra[:5]})"
+    for m in members:
+        why = _foreign(path / m, "model", header)
+        if why is not None:
+            return f"its {m} is not a bitro model folder ({why})"
+    return None
 
 
 def _foreign(path: Path, kind: OutputKind, header: str | None) -> str | None:
@@ -62,6 +83,8 @@ def _foreign(path: Path, kind: OutputKind, header: str | None) -> str | None:
     if not path.is_dir():
         return "it is a file, not a folder"
     entries = {p.name for p in path.iterdir()}
+    if kind == "ensemble":
+        return _foreign_ensemble(path, entries, header)
     if kind == "model":
         extra = sorted(entries - MODEL_FILES)
         if extra:
@@ -98,6 +121,7 @@ def check_replaceable(
         Output path.
     kind
         ``"model"`` (a folder with only ``config.json`` of a bitro model and ``model.safetensors``),
+        ``"ensemble"`` (a folder with only ``ensemble.json`` and such model folders ``model_<i>``),
         ``"zarr"`` (a SpatialData zarr store with no foreign top-level entries) or ``"csv"`` (a text
         file whose first line is ``header``).
     overwrite
@@ -125,7 +149,12 @@ def check_replaceable(
         raise FileExistsError(msg)
     why = _foreign(path, kind, header)
     if why is not None:
-        what = {"model": "model folder", "zarr": "SpatialData zarr store", "csv": "metrics CSV"}[kind]
+        what = {
+            "model": "model folder",
+            "ensemble": "model ensemble folder",
+            "zarr": "SpatialData zarr store",
+            "csv": "metrics CSV",
+        }[kind]
         msg = (
             f"{str(path)!r} is not a {what} written by bitro ({why}); bitro replaces only its own outputs, "
             f"even with {flag}. Move it away or choose another path."

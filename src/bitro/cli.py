@@ -203,6 +203,11 @@ def _add_fit(sub, parent) -> None:
     )
     p.add_argument("--config", metavar="JSON", help="network options (bt.models.BiTroConfig fields): a JSON "
                    "object or a .json file (default: BiTroConfig defaults)")  # fmt: skip
+    p.add_argument(
+        "--n-models", type=_positive_int, default=1,
+        help="fit this many models (seeds SEED, SEED+1, ...) and save them as one ensemble whose predictions "
+        "are their average (3: +0.014 normalised PCC_gene on HER2ST for 3x the training; default: 1)",
+    )  # fmt: skip
     _training(p)
 
 
@@ -347,11 +352,12 @@ def _model_folder(path: str) -> None:
     from pathlib import Path
 
     folder = Path(path)
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+    is_model = (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    if not is_model and not (folder / "ensemble.json").is_file():
         what = (
             "not found"
             if not folder.exists()
-            else "is not a bitro model folder (config.json + model.safetensors)"
+            else "is not a bitro model folder (config.json + model.safetensors) nor an ensemble folder (ensemble.json)"
         )
         msg = f"MODEL_DIR {path!r} {what}; give a folder written by `bitro fit --out` or model.save()."
         raise FileNotFoundError(msg)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "summarize_cv": "._cv",
     "BaselineModel": "._baselines",
     "BiTroModel": "._model",
+    "BiTroEnsemble": "._ensemble_model",
     "SpaHGCModel": "._spahgc",
     "RetrievalModel": "._retrieval",
     "ExemplarIndex": "._exemplars",
