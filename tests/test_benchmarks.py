@@ -821,8 +821,9 @@ def test_features_markdown_compares_each_arm_with_crop_and_states_the_targets():
     assert "tile + context embeds 400 cells/s on the in-spot cells against crop's 20 (20.0 ×" in md
     assert "on whole sections (every nucleus, dense tiles) tile (all cells" in md
     assert (
-        "Best arm: *crop + context* at 0.200; bitro's default features (*tile + context*) reach 0.180: "
-        "the issue's target of 0.18 normalised PCC_gene with the default features is met." in md
+        "Best arm: *crop + context* at 0.200; one bitro model on the default features (*tile + context*) "
+        "reaches 0.180: the issue's target of 0.18 normalised PCC_gene with the default features is met by "
+        "one model." in md
     )
 
 
