@@ -38,6 +38,7 @@ BENCHMARKS = {
     "ensemble": "benchmarks.ensemble",
     "spahgc": "benchmarks.spahgc",
     "align": "benchmarks.align",
+    "aligned_bitro": "benchmarks.aligned_bitro",
 }
 ALIASES = {"speed": "embedding"}
 #: Benchmarks that only run with ``--full`` (or when named with ``--only``): each takes 10 min or more.
@@ -52,6 +53,7 @@ FULL_ONLY = (
     "ensemble",
     "spahgc",
     "align",
+    "aligned_bitro",
 )
 STANDARD = tuple(n for n in BENCHMARKS if n not in FULL_ONLY)
 FULL = tuple(BENCHMARKS)

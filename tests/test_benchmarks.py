@@ -742,6 +742,27 @@ def test_a_spahgc_run_of_some_folds_keeps_the_stored_rows_of_the_others(tmp_path
         spahgc._folds_to_run(["C2", "C3"])
 
 
+def test_aligned_bitro_markdown_pairs_the_arms_by_fold_and_says_when_alignment_does_not_help():
+    from benchmarks import aligned_bitro
+
+    rows = [
+        {"test": t, "seed": seed, "arm": arm, "value": base + off + 0.01 * seed}
+        for t, off in (("C2", 0.0), ("C3", 0.02), ("C4", 0.04))
+        for seed in (0, 1)
+        for arm, base in (("X_bitro", 0.17), ("X_aligned", 0.16 if t != "C4" else 0.18))
+    ]
+    times = [{"test": "C2", "seed": 0, "arm": a, "seconds": s} for a, s in (("alignment", 40.0), ("X_bitro", 60.0))]
+    protocol = {"sections": ["C2", "C3", "C4"], "held_out": ["C2", "C3", "C4"], "seeds": [0, 1], "fit_kwargs": {},
+                "align_kwargs": {}, "loss": "clip", "n_genes": 785}  # fmt: skip
+    md = aligned_bitro.markdown({"rows": rows, "times": times, "protocol": protocol, "meta": {}})
+    assert "aligned_bitro" in main.FULL_ONLY
+    # seed means: X_bitro 0.175, 0.195, 0.215 -> 0.195 ± 0.020; aligned 0.165, 0.185, 0.225 -> 0.192 ± 0.031
+    assert "| X_bitro (unaligned, the default) | 0.195 ± 0.020 | 128 | 60 |" in md
+    assert "| X_aligned (CLIP-aligned image tower) | 0.192 ± 0.031 | 64 | – |" in md
+    assert "-0.003 ± 0.012 (aligned higher on 1 of 3)" in md and "does **not** help" in md
+    assert aligned_bitro.markdown({"rows": [], "times": [], "protocol": protocol}).endswith("No results.\n")
+
+
 def test_align_markdown_reports_chance_and_the_honest_reading():
     from benchmarks import align
 
