@@ -724,11 +724,12 @@ def test_a_spahgc_run_of_some_folds_keeps_the_stored_rows_of_the_others(tmp_path
     common.write_result("spahgc", stored, results_dir=tmp_path)
     monkeypatch.setenv("BITRO_SPAHGC_FOLDS", "C3")
     visit = spahgc._folds_to_run(["C2", "C3"])
+    visited = {(t, c["name"], c["target"]) for t in visit for c in spahgc.runs()}
     new = fake_spahgc()
     new["rows"] = [{**r, "value": r["value"] + 1.0} for r in new["rows"] if r["test"] == "C3"]
     new["speed"] = [r for r in new["speed"] if r["test"] == "C3"]
     new["index_scaling"] = []
-    merged = spahgc._with_other_folds(new, visit)
+    merged = spahgc._with_stored_rows(new, visited)
     assert {r["test"] for r in merged["rows"]} == {"C2", "C3"}
     assert len(merged["rows"]) == len(stored["rows"])
     assert all(r["value"] > 1 for r in merged["rows"] if r["test"] == "C3")  # this run's C3, not the stored
@@ -736,10 +737,32 @@ def test_a_spahgc_run_of_some_folds_keeps_the_stored_rows_of_the_others(tmp_path
     assert merged["index_scaling"] == stored["index_scaling"] and "C2, C3" in merged["markdown"]
     quick = {**fake_spahgc(), "meta": {**META, "quick": True}}  # another protocol is never mixed in
     common.write_result("spahgc", quick, results_dir=tmp_path)
-    assert spahgc._with_other_folds(new, visit)["rows"] == new["rows"]
+    assert spahgc._with_stored_rows(new, visited)["rows"] == new["rows"]
     monkeypatch.setenv("BITRO_SPAHGC_FOLDS", "C9")
     with pytest.raises(ValueError, match=r"unknown section\(s\) \['C9'\]"):
         spahgc._folds_to_run(["C2", "C3"])
+
+
+def test_a_spahgc_run_of_one_configuration_keeps_every_other_runs_rows(tmp_path, monkeypatch):
+    from benchmarks import spahgc
+
+    monkeypatch.setattr(spahgc, "RESULTS_DIR", tmp_path)
+    stored = fake_spahgc()
+    common.write_result("spahgc", stored, results_dir=tmp_path)
+    monkeypatch.setenv("BITRO_SPAHGC_RUNS", "retrieval")
+    selected = spahgc._runs_to_run()
+    assert {c["name"] for c in selected} == {"retrieval"} and {c["target"] for c in selected} == {
+        "library_size", "raw"}  # fmt: skip
+    visited = {(t, c["name"], c["target"]) for t in ("C2", "C3") for c in selected}
+    new = {**fake_spahgc(), "index_scaling": []}
+    new["rows"] = [{**r, "value": 5.0} for r in new["rows"] if r["run"] == "retrieval"]
+    new["speed"] = [r for r in new["speed"] if r["run"] == "retrieval"]
+    merged = spahgc._with_stored_rows(new, visited)
+    assert len(merged["rows"]) == len(stored["rows"])
+    assert all((r["value"] == 5.0) == (r["run"] == "retrieval") for r in merged["rows"])
+    monkeypatch.setenv("BITRO_SPAHGC_RUNS", "retrieval,spahgc k = 99")
+    with pytest.raises(ValueError, match=r"unknown run\(s\) \['spahgc k = 99'\]"):
+        spahgc._runs_to_run()
 
 
 def test_aligned_bitro_markdown_pairs_the_arms_by_fold_and_says_when_alignment_does_not_help():
