@@ -558,12 +558,25 @@ def _reading(summary, quick: bool, rows: list[dict[str, Any]]) -> str:
         paired = f"; per section {diff}" if diff else ""
         if v >= full - 0.005:
             lines.append(
-                f"- {what}, normalised PCC_gene is {v:.3f} (default {full:.3f}{paired}): the default does not "
-                "beat it on these folds."
+                f"- {what}, normalised PCC_gene is {v:.3f} (main SpaHGC row {full:.3f}{paired}): the main row "
+                "does not beat it on these folds."
             )
         else:
-            lines.append(f"- {what}, normalised PCC_gene is {v:.3f}, below the default's {full:.3f}{paired}.")
+            lines.append(f"- {what}, normalised PCC_gene is {v:.3f}, below the main SpaHGC row's {full:.3f}{paired}.")
     return "**Reading.**\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def _default_k_note(k: int) -> str:
+    """Where this run's ``k`` differs from today's ``CrossSliceConfig`` default, say so."""
+    from bitro.tl._cross_slice_config import CrossSliceConfig
+
+    default = CrossSliceConfig().n_exemplars
+    if default == k:
+        return ""
+    return (
+        f" (the library default is now {default}, chosen by the *retrieval k = {default}* and *spahgc k = {default}* "
+        "rows)"
+    )
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -599,7 +612,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"{', '.join(done)}. {p['n_genes']} genes. Exemplars, feature projection, target statistics and early-stopping "
         "spots come from the four training sections only; a held-out section is never an exemplar source. SpaHGC: "
         f"{p['spahgc_config']}; spot features = mean projected cell features (PCA {kw['n_components']}) + log1p(cells); "
-        f"k = {kw['n_exemplars']} exemplars; at most {kw['max_epochs']} epochs, lr {kw['lr']}, {kw['batch_size']} target "
+        f"k = {kw['n_exemplars']} exemplars{_default_k_note(kw['n_exemplars'])}; at most {kw['max_epochs']} epochs, lr {kw['lr']}, {kw['batch_size']} target "
         f"spots per step, patience {kw['patience']} on {kw['validation_fraction']:.0%} of the training spots. retrieval: "
         f"similarity-weighted mean of the k = {kw['n_exemplars']} most similar training spots (same features). "
         + reuse_txt

@@ -709,7 +709,7 @@ def test_spahgc_markdown_reports_seeds_undefined_genes_and_the_honest_reading():
     assert "above ridge (0.080)" in md and "above retrieval (0.090)" in md
     assert "below bitro (0.160) — SpaHGC does not beat bitro here" in md
     assert (
-        "Without exemplars, normalised PCC_gene is 0.120, below the default's 0.140; per section "
+        "Without exemplars, normalised PCC_gene is 0.120, below the main SpaHGC row's 0.140; per section "
         "-0.020 ± 0.000, higher on 0 of 2." in md
     )
     assert "### Exemplar index" in md and "Caution" not in md

@@ -65,8 +65,8 @@ class SpaHGCConfig:
         Starting value of the per-gene scale of the pooled exemplar expression added to the prediction.
         0 (default): an untrained network predicts from its own representation and learns how much of
         the exemplars' expression to add; 1: it starts at the similarity-weighted exemplar mean (the
-        retrieval baseline). On HER2ST windows, starting at 1 held the model near retrieval: normalised
-        PCC_gene 0.117 against 0.148 from 0 (five folds, seed 0; the benchmarks page has the full run).
+        retrieval baseline). Leave one HER2ST section out (whole sections, 3 seeds), starting at 1 held
+        the model near retrieval: normalised PCC_gene 0.120 against 0.157 from 0 (5 of 5 sections).
     """
 
     n_genes: int
