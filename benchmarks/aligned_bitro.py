@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import numpy as np
-from benchmarks._common import kit_genes, md_table, metadata
+from benchmarks._common import md_table, metadata
 
 from bitro._logging import logger
 
@@ -36,20 +36,18 @@ def _score(bt: Any, test: Any, layer: str) -> float:
 
 def run(quick: bool) -> dict[str, Any]:
     """Align, then fit bitro on aligned and unaligned features, per fold and seed."""
-    from benchmarks.accuracy import BITRO_KW, QUICK_BITRO_KW
-    from benchmarks.align import ALIGN_KW, load_sections
+    from benchmarks.accuracy import seed_study_inputs
+    from benchmarks.align import ALIGN_KW
 
     import bitro as bt
     from bitro.tl._cv import light_copy
 
     bt.settings.progress = False
     t0 = time.perf_counter()
-    sections = load_sections(quick)
-    names = list(sections)
-    genes = kit_genes(sections)
+    # the accuracy benchmark's sections (their X_bitro is the align benchmark's, checked equal), genes, settings
+    sections, names, genes, kw = seed_study_inputs(quick)
     seeds = QUICK_SEEDS if quick else SEEDS
     folds = names[:1] if quick else names
-    kw = dict(QUICK_BITRO_KW if quick else BITRO_KW)
     rows, times = [], []
     for test_name in folds:
         for seed in seeds:
