@@ -588,3 +588,36 @@ def test_every_option_of_every_command_has_help_and_states_its_default():
                     f"{name} {'/'.join(action.option_strings)}: default {action.default!r} not stated"
                 )
     assert not missing, missing
+
+
+def reference_text() -> str:
+    """The ``--help`` of ``bitro`` and of each command at 80 columns: docs/cli.md's reference block."""
+    import contextlib
+    import io
+    import os
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"
+    parts = []
+    try:
+        for cmd in ("", "preprocess", "fit", "predict", "evaluate", "transfer", "demo"):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+                main([cmd, "--help"] if cmd else ["--help"])
+            parts.append(f"=== {cmd}\n{buf.getvalue().rstrip()}")
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
+    return "\n".join(parts)
+
+
+def test_the_cli_reference_in_the_docs_is_the_current_help():
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    block = text.split("## Reference", 1)[1].split("```text\n", 1)[1].split("\n```", 1)[0]
+    assert block == reference_text(), (
+        "docs/cli.md's reference block differs from `bitro --help`; replace it with the output of "
+        "`python -c 'import sys; sys.path.insert(0, \"tests\"); from test_cli import reference_text; "
+        "print(reference_text())'`"
+    )
