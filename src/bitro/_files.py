@@ -46,7 +46,7 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
-def _foreign_ensemble(path: Path, entries: set[str], header: str | None) -> str | None:
+def _foreign_ensemble(path: Path, entries: set[str]) -> str | None:
     """Why the folder ``path`` is not an ensemble bitro saved: ``ensemble.json`` and model folders only."""
     try:
         manifest = json.loads((path / ENSEMBLE_FILE).read_text())
@@ -59,7 +59,7 @@ def _foreign_ensemble(path: Path, entries: set[str], header: str | None) -> str 
     if extra:
         return f"it holds files a bitro ensemble folder does not ({extra[:5]})"
     for m in members:
-        why = _foreign(path / m, "model", header)
+        why = _foreign(path / m, "model", None)
         if why is not None:
             return f"its {m} is not a bitro model folder ({why})"
     return None
@@ -84,7 +84,7 @@ def _foreign(path: Path, kind: OutputKind, header: str | None) -> str | None:
         return "it is a file, not a folder"
     entries = {p.name for p in path.iterdir()}
     if kind == "ensemble":
-        return _foreign_ensemble(path, entries, header)
+        return _foreign_ensemble(path, entries)
     if kind == "model":
         extra = sorted(entries - MODEL_FILES)
         if extra:

@@ -174,11 +174,13 @@ class BiTroEnsemble:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """``ensemble.json`` of the folder ``path``, checked (format, members named ``model_0 ..``)."""
+    from bitro.tl._state import CONFIG_FILE
+
     file = path / ENSEMBLE_FILE
     if not file.is_file():
         hint = (
             " (it is a single model: load it with bt.tl.BiTroModel.load)"
-            if (path / "config.json").is_file()
+            if (path / CONFIG_FILE).is_file()
             else ""
         )
         msg = f"{str(path)!r} is not a bitro ensemble folder: it has no {ENSEMBLE_FILE}{hint}."

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from bitro._files import ENSEMBLE_FILE
 from bitro._hashing import arrays_sha256, json_sha256
 from bitro._logging import logger
 from bitro.tl._configs import SetupConfig, TrainConfig
@@ -226,7 +227,7 @@ def read_model_files(path: str | Path) -> tuple[ModelState, dict[str, np.ndarray
     cfg_file, w_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not cfg_file.is_file() or not w_file.is_file():
         what = "a file" if path.is_file() else ("missing" if not path.exists() else "a folder without them")
-        if (path / "ensemble.json").is_file():
+        if (path / ENSEMBLE_FILE).is_file():
             what = "an ensemble of models: load it with bt.tl.BiTroEnsemble.load"
         msg = (
             f"{str(path)!r} is not a bitro model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}; it is "
